@@ -1,0 +1,280 @@
+"""Fused Triton kernels for the codec: quantize+pack and unpack+dequantize in one pass.
+
+They reproduce the reference layout of :mod:`agoq.quant.codec` bit for bit under nearest
+rounding (IEEE division, ties-to-even, scales rounded up the same way). Stochastic rounding
+uses Triton's Philox stream seeded from the caller's generator: reproducible, unbiased, but
+not the same draws as the torch reference.
+
+On CPU the kernels only run under ``TRITON_INTERPRET=1``, which must be set before this
+module is first imported (Triton reads it when the kernels are decorated).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .spec import MINIFLOATS, QuantSpec
+
+try:  # Triton is optional: the torch reference runs everywhere.
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+    _IMPORT_ERROR = str(exc)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Elements per program: large tiles amortise the interpreter on CPU; on GPU 4096 fp32
+# elements per program keep enough programs in flight for bandwidth.
+_TILE_GPU = 4096
+_TILE_INTERPRET = 1 << 16
+
+
+def unavailable_reason(device: torch.device) -> str:
+    """Why the Triton backend cannot run on ``device`` (empty string if it can)."""
+    if triton is None:
+        return f"triton is not installed ({_IMPORT_ERROR})"
+    if device.type == "cuda":
+        return ""
+    if device.type == "cpu" and INTERPRET:
+        return ""
+    if device.type == "cpu":
+        return "Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import"
+    return f"no Triton support for device type {device.type!r}"
+
+
+def available(device: torch.device) -> bool:
+    """True when the fused kernels can run on ``device``."""
+    return unavailable_reason(torch.device(device)) == ""
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(t):
+        f = tl.floor(t)
+        d = t - f
+        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+        up = (d > 0.5) | ((d == 0.5) & odd)
+        return tl.where(up, f + 1.0, f)
+
+    @triton.jit
+    def _exponent(a):
+        return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+    @triton.jit
+    def _pow2(e):
+        return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _quantize_kernel(
+        x_ptr,
+        payload_ptr,
+        scale_ptr,
+        n,
+        nblocks,
+        seed,
+        MAXV: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ROWS: tl.constexpr,
+        BITS: tl.constexpr,
+        IS_INT: tl.constexpr,
+        MBITS: tl.constexpr,
+        EMIN: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
+        BF16_SCALE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        idx = rows.to(tl.int64)[:, None] * BLOCK + cols[None, :]
+        x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+
+        a = tl.abs(x)
+        nonfinite = (x != x) | (a == float("inf"))
+        absmax = tl.max(tl.where(nonfinite, 0.0, a), axis=1)
+        bad = tl.max(nonfinite.to(tl.int32), axis=1) > 0
+        s = tl.math.div_rn(absmax, MAXV)
+        over = tl.math.div_rn(absmax, s) > MAXV
+        s = tl.where(over, (s.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), s)
+        if BF16_SCALE:
+            sbits = (s.to(tl.int32, bitcast=True) + 0xFFFF) & -0x10000
+            s = tl.minimum(sbits, 0x7F7F0000).to(tl.float32, bitcast=True)
+        ok = (s > 0.0) & (~bad)
+        v = tl.math.div_rn(x, tl.where(ok, s, 1.0)[:, None])
+        v = tl.where(ok[:, None], v, 0.0)
+        if STOCHASTIC:
+            noise = tl.rand(seed, idx)
+
+        if IS_INT:
+            if STOCHASTIC:
+                q = tl.floor(v + noise)
+            else:
+                q = _round_half_even(v)
+            q = tl.minimum(tl.maximum(q, -MAXV), MAXV)
+            code = (q + (1 << (BITS - 1))).to(tl.int32)
+        else:
+            av = tl.abs(v)
+            e = tl.maximum(_exponent(av), EMIN)
+            ulp = _pow2(e - MBITS)
+            if STOCHASTIC:
+                r = tl.floor(av / ulp + noise)
+            else:
+                r = _round_half_even(av / ulp)
+            mag = tl.minimum(r * ulp, MAXV)
+            e2 = tl.maximum(_exponent(mag), EMIN)
+            normal = mag >= _pow2(tl.full(mag.shape, EMIN, tl.int32))
+            field_e = tl.where(normal, e2 - EMIN + 1, 0)
+            mant = (mag / _pow2(e2 - MBITS)).to(tl.int32) - tl.where(normal, 1 << MBITS, 0)
+            sign = ((v < 0.0) & (mag > 0.0)).to(tl.int32)
+            code = (sign << (BITS - 1)) | (field_e << MBITS) | mant
+
+        row_ok = rows < nblocks
+        scale_out = tl.where(bad, float("nan"), s)
+        tl.store(scale_ptr + rows, scale_out.to(scale_ptr.dtype.element_ty), mask=row_ok)
+
+        if BITS == 8:
+            tl.store(payload_ptr + idx, code.to(tl.uint8), mask=row_ok[:, None])
+        else:
+            groups = tl.reshape(code.to(tl.int64), (ROWS, BLOCK // 8, 8))
+            shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
+            words = tl.sum(groups << shifts[None, None, :], axis=2)
+            g = tl.arange(0, BLOCK // 8)
+            base = rows.to(tl.int64)[:, None] * (BLOCK * BITS // 8) + g[None, :] * BITS
+            for k in tl.static_range(BITS):
+                byte = ((words >> (8 * k)) & 0xFF).to(tl.uint8)
+                tl.store(payload_ptr + base + k, byte, mask=row_ok[:, None])
+
+    @triton.jit
+    def _dequantize_kernel(
+        payload_ptr,
+        scale_ptr,
+        out_ptr,
+        n,
+        nblocks,
+        BLOCK: tl.constexpr,
+        ROWS: tl.constexpr,
+        BITS: tl.constexpr,
+        IS_INT: tl.constexpr,
+        MBITS: tl.constexpr,
+        EMIN: tl.constexpr,
+        IS_E4M3: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < nblocks
+        cols = tl.arange(0, BLOCK)
+        idx = rows.to(tl.int64)[:, None] * BLOCK + cols[None, :]
+        if BITS == 8:
+            code = tl.load(payload_ptr + idx, mask=row_ok[:, None], other=0).to(tl.int32)
+        else:
+            g = tl.arange(0, BLOCK // 8)
+            k = tl.arange(0, 8)
+            base = rows.to(tl.int64)[:, None] * (BLOCK * BITS // 8) + g[None, :] * BITS
+            offs = base[:, :, None] + k[None, None, :]
+            m = row_ok[:, None, None] & (k < BITS)[None, None, :]
+            byte = tl.load(payload_ptr + offs, mask=m, other=0).to(tl.int64)
+            words = tl.sum(byte << (8 * k).to(tl.int64)[None, None, :], axis=2)
+            shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
+            codes3 = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+            code = tl.reshape(codes3, (ROWS, BLOCK)).to(tl.int32)
+
+        if IS_INT:
+            val = (code - (1 << (BITS - 1))).to(tl.float32)
+        else:
+            sign = tl.where(((code >> (BITS - 1)) & 1) == 1, -1.0, 1.0)
+            field_e = (code >> MBITS) & ((1 << (BITS - 1 - MBITS)) - 1)
+            mant = (code & ((1 << MBITS) - 1)).to(tl.float32)
+            frac = tl.where(field_e > 0, 1.0 + mant / (1 << MBITS), mant / (1 << MBITS))
+            e = tl.where(field_e > 0, field_e + EMIN - 1, EMIN)
+            val = sign * frac * _pow2(e)
+            if IS_E4M3:
+                val = tl.where((code & 0x7F) == 0x7F, float("nan"), val)
+        s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        out = val * s[:, None]
+        if OUT_BF16:
+            # Ties-to-even by hand (out_ptr is the int16 view of the bf16 output): the
+            # interpreter's own bf16 cast does not round to even, and this matches torch.
+            bits = out.to(tl.int32, bitcast=True)
+            rne = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+            rne = tl.where(out != out, 0x7FC0, rne)
+            tl.store(out_ptr + idx, rne.to(tl.int16), mask=idx < n)
+        else:
+            tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=idx < n)
+
+
+def _rows_per_program(spec: QuantSpec, device: torch.device) -> int:
+    tile = _TILE_GPU if device.type == "cuda" else _TILE_INTERPRET
+    return max(1, tile // spec.block)
+
+
+def _format_consts(spec: QuantSpec) -> dict:
+    if spec.format == "int":
+        return {"IS_INT": True, "MBITS": 0, "EMIN": 0}
+    mf = MINIFLOATS[spec.format]
+    return {"IS_INT": False, "MBITS": mf.mbits, "EMIN": mf.emin}
+
+
+def quantize_flat(
+    flat: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused quantize+pack of a 1-D tensor: returns (payload, scales) in the codec layout."""
+    n = flat.numel()
+    nblocks = -(-n // spec.block)
+    payload = torch.empty(spec.payload_nbytes(n), dtype=torch.uint8, device=flat.device)
+    scales = torch.empty(nblocks, dtype=spec.scale_dtype, device=flat.device)
+    if nblocks == 0:
+        return payload, scales
+    seed = 0
+    if spec.rounding == "stochastic":
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device="cpu"))
+    rows = _rows_per_program(spec, flat.device)
+    grid = (triton.cdiv(nblocks, rows),)
+    _quantize_kernel[grid](
+        flat.contiguous(),
+        payload,
+        scales,
+        n,
+        nblocks,
+        seed,
+        MAXV=spec.max_level,
+        BLOCK=spec.block,
+        ROWS=rows,
+        BITS=spec.bits,
+        STOCHASTIC=spec.rounding == "stochastic",
+        BF16_SCALE=spec.scale_dtype == torch.bfloat16,
+        **_format_consts(spec),
+    )
+    return payload, scales
+
+
+def dequantize_flat(
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Fused unpack+dequantize: the first ``numel`` elements as ``dtype``."""
+    out = torch.empty(numel, dtype=dtype, device=payload.device)
+    nblocks = scales.numel()
+    if numel == 0:
+        return out
+    rows = _rows_per_program(spec, payload.device)
+    consts = _format_consts(spec)
+    _dequantize_kernel[(triton.cdiv(nblocks, rows),)](
+        payload,
+        scales,
+        out.view(torch.int16) if dtype == torch.bfloat16 else out,
+        numel,
+        nblocks,
+        BLOCK=spec.block,
+        ROWS=rows,
+        BITS=spec.bits,
+        IS_E4M3=spec.format == "fp8_e4m3",
+        OUT_BF16=dtype == torch.bfloat16,
+        **consts,
+    )
+    return out
