@@ -245,6 +245,11 @@ def unpack_codes(payload: torch.Tensor, bits: int) -> torch.Tensor:
     return ((words[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1)
 
 
+def finite_max(dtype: torch.dtype) -> float:
+    """Largest finite value of ``dtype`` that an fp32 decode can produce."""
+    return torch.finfo(dtype if dtype != torch.float64 else torch.float32).max
+
+
 def _slab_rows(spec: QuantSpec) -> int:
     return max(1, _SLAB_ELEMENTS // spec.block)
 
@@ -285,10 +290,14 @@ def dequantize_flat_torch(
     out = torch.empty(nblocks * B, dtype=dtype, device=payload.device)
     step = nblocks if torch.compiler.is_compiling() else _slab_rows(spec)
     row_bytes = B * spec.bits // 8
+    fmax = finite_max(dtype)
     for r0 in range(0, nblocks, step):
         r1 = min(nblocks, r0 + step)
         codes = unpack_codes(payload[r0 * row_bytes : r1 * row_bytes], spec.bits)
         vals = decode_block_values(codes.view(r1 - r0, B), scales[r0:r1].float(), spec)
+        # A scale rounded up can push the top code one ulp past the dtype's range: saturate
+        # so finite input always comes back finite (clamp keeps NaN).
+        vals = torch.clamp(vals, -fmax, fmax)
         out[r0 * B : r1 * B] = vals.reshape(-1)
     return out[:numel]
 

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .codec import finite_max
 from .spec import MINIFLOATS, QuantSpec
 
 try:  # Triton is optional: the torch reference runs everywhere.
@@ -165,6 +166,7 @@ if triton is not None:
         EMIN: tl.constexpr,
         IS_E4M3: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        FMAX: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
@@ -198,6 +200,8 @@ if triton is not None:
                 val = tl.where((code & 0x7F) == 0x7F, float("nan"), val)
         s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         out = val * s[:, None]
+        # Saturate like the reference; comparisons keep NaN (tl.maximum would drop it).
+        out = tl.where(out > FMAX, FMAX, tl.where(out < -FMAX, -FMAX, out))
         if OUT_BF16:
             # Ties-to-even by hand (out_ptr is the int16 view of the bf16 output): the
             # interpreter's own bf16 cast does not round to even, and this matches torch.
@@ -275,6 +279,7 @@ def dequantize_flat(
         BITS=spec.bits,
         IS_E4M3=spec.format == "fp8_e4m3",
         OUT_BF16=dtype == torch.bfloat16,
+        FMAX=finite_max(dtype),
         **consts,
     )
     return out

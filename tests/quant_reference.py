@@ -1,0 +1,57 @@
+"""Independent references for the codec tests: code grids built without agoq's code."""
+
+from __future__ import annotations
+
+import torch
+
+from agoq import QuantSpec
+
+E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+ALL_SPECS = [("int", b) for b in (2, 3, 4, 5, 6, 8)] + [("fp4_e2m1", 4), ("fp8_e4m3", 8)]
+
+
+def grid(spec: QuantSpec) -> torch.Tensor:
+    """Sorted float64 values the format can represent (before scaling)."""
+    if spec.format == "int":
+        qmax = 2 ** (spec.bits - 1) - 1
+        return torch.arange(-qmax, qmax + 1, dtype=torch.float64)
+    if spec.format == "fp4_e2m1":
+        mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float64)
+    else:
+        every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+        mags = every.to(torch.float64)
+        mags = mags[torch.isfinite(mags) & (mags >= 0)]
+    return torch.unique(torch.cat([mags, -mags]))
+
+
+def local_gap(spec: QuantSpec, v: torch.Tensor) -> torch.Tensor:
+    """Width of the grid interval holding each scaled value ``v`` (float64)."""
+    g = grid(spec)
+    hi = torch.searchsorted(g, v).clamp(1, len(g) - 1)
+    return g[hi] - g[hi - 1]
+
+
+def output_tolerance(y: torch.Tensor) -> torch.Tensor:
+    """Rounding of the dequantized fp32 value into the output dtype (half an ulp)."""
+    rel = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(
+        y.dtype, 2.0**-24
+    )
+    tiny = {torch.float16: 2.0**-25}.get(y.dtype, 2.0**-149)
+    return y.double().abs() * rel + tiny
+
+
+def scales_per_element(scales: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """The scale of each element's block, in flat order."""
+    return scales.double().repeat_interleave(block)[:n]
+
+
+def pack_bits_python(codes: list[int], bits: int) -> bytes:
+    """LSB-first bit stream, one code after the other, written bit by bit."""
+    out = bytearray(-(-len(codes) * bits // 8))
+    for i, c in enumerate(codes):
+        for b in range(bits):
+            if (c >> b) & 1:
+                pos = i * bits + b
+                out[pos // 8] |= 1 << (pos % 8)
+    return bytes(out)
