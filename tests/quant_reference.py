@@ -46,12 +46,22 @@ def scales_per_element(scales: torch.Tensor, block: int, n: int) -> torch.Tensor
     return scales.double().repeat_interleave(block)[:n]
 
 
-def pack_bits_python(codes: list[int], bits: int) -> bytes:
-    """LSB-first bit stream, one code after the other, written bit by bit."""
-    out = bytearray(-(-len(codes) * bits // 8))
-    for i, c in enumerate(codes):
-        for b in range(bits):
-            if (c >> b) & 1:
-                pos = i * bits + b
-                out[pos // 8] |= 1 << (pos % 8)
+def pack_bits_python(codes: list[int], bits: int, block: int) -> bytes:
+    """The documented layout, bit by bit: per block, bit planes of width 8/4/2/1 (low bits
+    first; 3 = 2+1, 5 = 4+1, 6 = 4+2); in a plane of width w, byte j holds codes
+    j, j + block/k, ... (k = 8/w) at bit offsets 0, w, ..."""
+    planes = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}[bits]
+    out = bytearray()
+    for b0 in range(0, len(codes), block):
+        blk = codes[b0 : b0 + block]
+        shift = 0
+        for w in planes:
+            k = 8 // w
+            for j in range(block // k):
+                byte = 0
+                for i in range(k):
+                    part = (blk[i * (block // k) + j] >> shift) & ((1 << w) - 1)
+                    byte |= part << (i * w)
+                out.append(byte)
+            shift += w
     return bytes(out)

@@ -67,12 +67,16 @@ def test_spec_defaults_and_cost():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
-def test_pack_layout_is_lsb_first_bitstream(bits):
+@pytest.mark.parametrize("block", [16, 64])
+def test_pack_layout_matches_documented_bit_planes(bits, block):
     g = torch.Generator().manual_seed(bits)
-    codes = torch.randint(0, 2**bits, (64,), generator=g, dtype=torch.int64)
+    codes = torch.randint(0, 2**bits, (3, block), generator=g, dtype=torch.int64)
     packed = pack_codes(codes.to(torch.uint8), bits)
-    assert bytes(packed.tolist()) == pack_bits_python(codes.tolist(), bits)
-    assert torch.equal(unpack_codes(packed, bits), codes.to(torch.uint8))
+    assert packed.shape == (3, block * bits // 8)
+    assert bytes(packed.reshape(-1).tolist()) == pack_bits_python(
+        codes.reshape(-1).tolist(), bits, block
+    )
+    assert torch.equal(unpack_codes(packed.reshape(-1), bits, block), codes.to(torch.uint8))
 
 
 @pytest.mark.parametrize(("fmt", "bits"), ALL_SPECS)
@@ -213,7 +217,7 @@ def test_fp4_codes_are_e2m1_bit_patterns():
     mags = torch.tensor(E2M1_MAGNITUDES)
     x = torch.cat([mags, -mags])  # absmax 6 -> scale exactly 1
     p = quantize(x, spec)
-    codes = unpack_codes(p.payload, 4)
+    codes = unpack_codes(p.payload, 4, 16).reshape(-1)
     expected = list(range(8)) + [0] + list(range(9, 16))  # -0 is stored as +0
     assert p.scales.item() == 1.0
     assert codes.tolist() == expected
@@ -232,7 +236,9 @@ def test_all_zero_block_is_exact_zero():
 # ----------------------------------------------------------- stochastic rounding
 
 
-@pytest.mark.parametrize(("fmt", "bits"), [("int", 2), ("int", 4), ("fp4_e2m1", 4), ("fp8_e4m3", 8)])
+@pytest.mark.parametrize(
+    ("fmt", "bits"), [("int", 2), ("int", 4), ("fp4_e2m1", 4), ("fp8_e4m3", 8)]
+)
 def test_stochastic_rounding_is_unbiased(fmt, bits):
     spec = QuantSpec(bits=bits, format=fmt, block=64, rounding="stochastic")
     x = torch.randn(4 * 64, generator=torch.Generator().manual_seed(11))
@@ -290,8 +296,8 @@ def test_nan_never_comes_back_finite_in_low_precision(dtype):
 # ------------------------------------------------------------------ layouts
 
 
-def _roundtrip(x: torch.Tensor, spec: QuantSpec = QuantSpec(bits=8, block=16)) -> torch.Tensor:
-    y = dequantize(quantize(x, spec))
+def _roundtrip(x: torch.Tensor, spec: QuantSpec | None = None) -> torch.Tensor:
+    y = dequantize(quantize(x, spec or QuantSpec(bits=8, block=16)))
     assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride()
     return y
 
@@ -388,3 +394,25 @@ def test_large_tensor_uses_slabs_consistently():
     assert torch.equal(p.payload[: head.payload.numel()], head.payload)
     assert torch.equal(p.scales[: head.scales.numel()], head.scales)
     _assert_within_half_step(x, dequantize(p), p, spec)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "bits"), [("int", 4), ("int", 5), ("fp4_e2m1", 4), ("fp8_e4m3", 8)]
+)
+def test_reference_compiles_fullgraph_to_the_same_bits(fmt, bits):
+    """Under torch.compile (how compiled models run the codec) inductor must not change a bit."""
+    from agoq.quant.codec import dequantize_flat_torch, quantize_flat_torch
+
+    spec = QuantSpec(bits=bits, format=fmt, block=64)
+    x = torch.randn(64 * 50 + 7, dtype=torch.bfloat16)
+    x[3] = math.nan
+    payload, scales = quantize_flat_torch(x, spec)
+    fast_q = torch.compile(lambda f: quantize_flat_torch(f, spec), fullgraph=True)
+    fast_dq = torch.compile(
+        lambda p, s: dequantize_flat_torch(p, s, spec, x.numel(), x.dtype), fullgraph=True
+    )
+    p2, s2 = fast_q(x)
+    assert torch.equal(p2, payload)
+    assert torch.equal(s2.nan_to_num(-1), scales.nan_to_num(-1))
+    y_ref = dequantize_flat_torch(payload, scales, spec, x.numel(), x.dtype)
+    assert torch.equal(fast_dq(payload, scales).nan_to_num(-1), y_ref.nan_to_num(-1))

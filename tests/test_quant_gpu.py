@@ -25,7 +25,7 @@ def test_auto_backend_uses_triton_on_cuda(monkeypatch):
     )
     quantize(torch.randn(1000, device="cuda"), QuantSpec())
     assert calls, "CUDA tensors must go through the fused kernels"
-    assert codec._use_triton(torch.device("cpu"), "auto") is False
+    assert codec._resolve(torch.device("cpu"), "auto") == "torch"
 
 
 @pytest.mark.parametrize(("fmt", "bits"), ALL_SPECS)

@@ -8,8 +8,8 @@ Bit layout (shared by every backend, bit for bit):
   to the next bf16 for bf16 scales) so that no scaled element leaves the code grid.
 * Each element becomes a ``bits``-wide unsigned code: ``q + 2**(bits-1)`` for ``int``, the
   OCP sign/exponent/mantissa bit pattern for ``fp4_e2m1`` / ``fp8_e4m3``.
-* Codes are packed LSB-first into a byte stream: code ``i`` occupies bits
-  ``[i*bits, (i+1)*bits)``. Payload bytes are exactly ``padded_numel * bits / 8``.
+* Codes are bit-packed per block in bit planes (see ``PLANES``); a block's ``block * bits / 8``
+  bytes are contiguous. Payload bytes are exactly ``padded_numel * bits / 8``.
 * A block containing NaN or +-Inf stores a NaN scale, so the whole block dequantizes to NaN:
   non-finite input never comes back finite.
 """
@@ -159,11 +159,20 @@ def encode_block_values(
     """Codes (uint8, one per element) of fp32 rows ``xb`` scaled by ``s``."""
     ok = torch.isfinite(s) & (s > 0)
     v = xb / torch.where(ok, s, torch.ones_like(s))[:, None]
-    v = torch.where(ok[:, None], v, torch.zeros_like(v))
+    # Rows with a NaN scale hold NaN/Inf: give them the zero code. Eagerly this full pass is
+    # skipped when no row needs it (the common case).
+    if torch.compiler.is_compiling() or bool(torch.isnan(s).any()):
+        v = torch.where(ok[:, None], v, torch.zeros_like(v))
     if spec.format == "int":
         qmax = spec.max_level
-        q = torch.clamp(_round(v, noise), -qmax, qmax)
-        return (q + 2 ** (spec.bits - 1)).to(torch.uint8)
+        # In place: v is this function's own temporary.
+        v = v.add_(noise).floor_() if noise is not None else v.round_()
+        return v.clamp_(-qmax, qmax).add_(2 ** (spec.bits - 1)).to(torch.uint8)
+    if noise is None and spec.format == "fp8_e4m3":
+        # torch's cast rounds to nearest-even on the E4M3FN grid: the same codes, one op.
+        return v.to(torch.float8_e4m3fn).view(torch.uint8)
+    if noise is None and spec.format == "fp4_e2m1":
+        return _encode_e2m1_nearest(v)
     mf = MINIFLOATS[spec.format]
     a = v.abs()
     e = torch.clamp(_fp32_bits_exponent(a), min=mf.emin)
@@ -173,9 +182,27 @@ def encode_block_values(
     normal = mag >= 2.0**mf.emin
     field_e = torch.where(normal, e2 - mf.emin + 1, torch.zeros_like(e2))
     mant = (mag / _pow2(e2 - mf.mbits)).to(torch.int32) - torch.where(normal, 1 << mf.mbits, 0)
-    sign = ((v < 0) & (mag > 0)).to(torch.int32)
+    sign = (v < 0).to(torch.int32)
     code = (sign << (spec.bits - 1)) | (field_e << mf.mbits) | mant
     return code.to(torch.uint8)
+
+
+_E2M1_SUBNORMAL_MAGIC = 2.0**22  # fp32 ulp of 2**22 is 0.5, E2M1's subnormal step
+
+
+def _encode_e2m1_nearest(v: torch.Tensor) -> torch.Tensor:
+    """Nearest-even E2M1 codes of ``|v| <= 6`` via fp32 bit arithmetic (fast on CPU)."""
+    a = v.abs()
+    # Normal range [1, 6]: round the fp32 mantissa to one bit, ties to even; a carry into
+    # the exponent is the correct next binade.
+    bits = a.view(torch.int32)
+    rounded = (bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22
+    normal_code = rounded - (126 << 1)
+    # Subnormal range [0, 1): multiples of 0.5, ties to even by the magic-number trick.
+    sub = (a + _E2M1_SUBNORMAL_MAGIC) - _E2M1_SUBNORMAL_MAGIC
+    code = torch.where(a >= 1.0, normal_code, (sub * 2).to(torch.int32))
+    # |v| in [0.75, 1) rounds up to 1.0 = code 2, which the subnormal path already gives.
+    return (code | ((v < 0).to(torch.int32) << 3)).to(torch.uint8)
 
 
 _LUT_CACHE: dict[tuple[str, int, torch.device], torch.Tensor] = {}
@@ -208,41 +235,58 @@ def code_values(spec: QuantSpec, device: torch.device | str = "cpu") -> torch.Te
 def decode_block_values(codes: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """fp32 rows from codes (blocks, block) and their scales."""
     if spec.format == "int":
-        vals = codes.to(torch.float32) - 2 ** (spec.bits - 1)
+        vals = codes.to(torch.float32).sub_(2 ** (spec.bits - 1))
     else:
         vals = code_values(spec, codes.device)[codes.to(torch.int64)]
-    return vals * s[:, None]
+    return vals.mul_(s[:, None])
+
+
+# A ``bits``-wide code is split into bit planes of width 8, 4, 2 or 1 (low bits first):
+# 3 = 2+1, 5 = 4+1, 6 = 4+2. A plane of width w packs k = 8 // w codes per byte *planar*
+# within the block: byte j holds codes j, j + B/k, ..., j + (k-1)B/k at bit offsets
+# 0, w, ..., (k-1)w. Contiguous slices combine into contiguous bytes, so every backend
+# (eager, inductor C++, Triton) vectorises it, and a block's bytes stay contiguous, so a
+# payload splits at block boundaries (the all-to-all of the gradient reduction needs this).
+PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes (< 2**bits, numel a multiple of 8) LSB-first into bytes."""
+    """Pack uint8 codes of shape (blocks, block), each < 2**bits, into (blocks, block*bits/8)."""
+    rows, block = codes.shape
     if bits == 8:
-        return codes.reshape(-1)
-    if bits in (2, 4):
-        per = 8 // bits
-        c = codes.reshape(-1, per)
-        out = c[:, 0].clone()
-        for j in range(1, per):
-            out |= c[:, j] << (j * bits)
-        return out
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    words = (codes.reshape(-1, 8).to(torch.int64) << shifts).sum(dim=1)
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
-    return ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+        return codes
+    planes = []
+    shift = 0
+    for w in PLANES[bits]:
+        k = 8 // w
+        sub = codes if w == bits else (codes >> shift) & ((1 << w) - 1)
+        sub = sub.view(rows, k, block // k)
+        byte = sub[:, 0].clone()
+        for j in range(1, k):
+            byte |= sub[:, j] << (j * w)
+        planes.append(byte)
+        shift += w
+    return torch.cat(planes, dim=1) if len(planes) > 1 else planes[0]
 
 
-def unpack_codes(payload: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: one uint8 code per element."""
+def unpack_codes(payload: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: (blocks, block) uint8 codes from the packed rows."""
+    rows = payload.numel() * 8 // (bits * block)
+    payload = payload.view(rows, block * bits // 8)
     if bits == 8:
         return payload
-    mask = (1 << bits) - 1
-    if bits in (2, 4):
-        per = 8 // bits
-        return torch.stack([(payload >> (j * bits)) & mask for j in range(per)], dim=1).reshape(-1)
-    byte_shifts = torch.arange(bits, device=payload.device, dtype=torch.int64) * 8
-    words = (payload.reshape(-1, bits).to(torch.int64) << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, device=payload.device, dtype=torch.int64) * bits
-    return ((words[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1)
+    codes = None
+    offset = shift = 0
+    for w in PLANES[bits]:
+        k = 8 // w
+        byte = payload[:, offset : offset + block // k]
+        mask = (1 << w) - 1
+        shifts = torch.arange(0, 8, w, dtype=torch.uint8, device=payload.device)
+        part = ((byte[:, None, :] >> shifts[None, :, None]) & mask).view(rows, block)
+        codes = part if codes is None else codes | (part << shift)
+        offset += block // k
+        shift += w
+    return codes
 
 
 def finite_max(dtype: torch.dtype) -> float:
@@ -276,7 +320,7 @@ def quantize_flat_torch(
         if spec.rounding == "stochastic":
             noise = torch.rand(xb.shape, generator=generator, device=xb.device)
         codes = encode_block_values(xb, s, spec, noise)
-        payload[r0 * row_bytes : r1 * row_bytes] = pack_codes(codes, spec.bits)
+        payload[r0 * row_bytes : r1 * row_bytes] = pack_codes(codes, spec.bits).reshape(-1)
         scales[r0:r1] = s.to(spec.scale_dtype)
     return payload, scales
 
@@ -293,21 +337,21 @@ def dequantize_flat_torch(
     fmax = finite_max(dtype)
     for r0 in range(0, nblocks, step):
         r1 = min(nblocks, r0 + step)
-        codes = unpack_codes(payload[r0 * row_bytes : r1 * row_bytes], spec.bits)
-        vals = decode_block_values(codes.view(r1 - r0, B), scales[r0:r1].float(), spec)
+        codes = unpack_codes(payload[r0 * row_bytes : r1 * row_bytes], spec.bits, B)
+        vals = decode_block_values(codes, scales[r0:r1].float(), spec)
         # A scale rounded up can push the top code one ulp past the dtype's range: saturate
         # so finite input always comes back finite (clamp keeps NaN).
-        vals = torch.clamp(vals, -fmax, fmax)
-        out[r0 * B : r1 * B] = vals.reshape(-1)
+        out[r0 * B : r1 * B] = vals.clamp_(-fmax, fmax).reshape(-1)
     return out[:numel]
 
 
 # ------------------------------------------------------------------------ dispatch
 
 
-def _use_triton(device: torch.device, backend: Backend) -> bool:
-    if backend == "torch":
-        return False
+def _resolve(device: torch.device, backend: Backend) -> str:
+    """The implementation to run: "torch" or "triton"."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "triton":
         from . import triton_kernels
 
@@ -316,14 +360,16 @@ def _use_triton(device: torch.device, backend: Backend) -> bool:
                 f"agoq: the Triton backend cannot run on {device} here "
                 f"({triton_kernels.unavailable_reason(device)})"
             )
-        return True
+        return "triton"
     if backend != "auto":
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if device.type != "cuda":
-        return False
-    from . import triton_kernels
+        return backend
+    if device.type == "cuda":
+        from . import triton_kernels
 
-    return triton_kernels.available(device)
+        if triton_kernels.available(device):
+            return "triton"
+    # Under torch.compile the reference is traced and fused into the graph by inductor.
+    return "torch"
 
 
 def quantize(
@@ -342,7 +388,7 @@ def quantize(
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be an agoq QuantSpec, got {type(spec).__name__}")
     flat, memory_order = _flatten(x.detach())
-    if _use_triton(flat.device, backend):
+    if _resolve(flat.device, backend) == "triton":
         from . import triton_kernels
 
         payload, scales = triton_kernels.quantize_flat(flat, spec, generator=generator)
@@ -363,7 +409,7 @@ def dequantize(p: Packed, *, backend: Backend = "auto") -> torch.Tensor:
     """Rebuild the tensor a :class:`Packed` came from (original dtype, shape and strides)."""
     if not isinstance(p, Packed):
         raise TypeError(f"agoq.dequantize expects a Packed, got {type(p).__name__}")
-    if _use_triton(p.payload.device, backend):
+    if _resolve(p.payload.device, backend) == "triton":
         from . import triton_kernels
 
         flat = triton_kernels.dequantize_flat(p.payload, p.scales, p.spec, p.numel, p.dtype)

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .codec import finite_max
+from .codec import PLANES, finite_max
 from .spec import MINIFLOATS, QuantSpec
 
 try:  # Triton is optional: the torch reference runs everywhere.
@@ -89,6 +89,8 @@ if triton is not None:
         EMIN: tl.constexpr,
         STOCHASTIC: tl.constexpr,
         BF16_SCALE: tl.constexpr,
+        W0: tl.constexpr,
+        W1: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
@@ -132,24 +134,59 @@ if triton is not None:
             normal = mag >= _pow2(tl.full(mag.shape, EMIN, tl.int32))
             field_e = tl.where(normal, e2 - EMIN + 1, 0)
             mant = (mag / _pow2(e2 - MBITS)).to(tl.int32) - tl.where(normal, 1 << MBITS, 0)
-            sign = ((v < 0.0) & (mag > 0.0)).to(tl.int32)
+            sign = (v < 0.0).to(tl.int32)
             code = (sign << (BITS - 1)) | (field_e << MBITS) | mant
 
         row_ok = rows < nblocks
         scale_out = tl.where(bad, float("nan"), s)
         tl.store(scale_ptr + rows, scale_out.to(scale_ptr.dtype.element_ty), mask=row_ok)
 
-        if BITS == 8:
-            tl.store(payload_ptr + idx, code.to(tl.uint8), mask=row_ok[:, None])
-        else:
-            groups = tl.reshape(code.to(tl.int64), (ROWS, BLOCK // 8, 8))
-            shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
-            words = tl.sum(groups << shifts[None, None, :], axis=2)
-            g = tl.arange(0, BLOCK // 8)
-            base = rows.to(tl.int64)[:, None] * (BLOCK * BITS // 8) + g[None, :] * BITS
-            for k in tl.static_range(BITS):
-                byte = ((words >> (8 * k)) & 0xFF).to(tl.uint8)
-                tl.store(payload_ptr + base + k, byte, mask=row_ok[:, None])
+        row_base = rows.to(tl.int64)[:, None] * (BLOCK * BITS // 8)
+        _store_plane(payload_ptr, row_base, 0, code, row_ok, W0, 0, ROWS, BLOCK)
+        if W1 > 0:
+            _store_plane(
+                payload_ptr, row_base, BLOCK // (8 // W0), code, row_ok, W1, W0, ROWS, BLOCK
+            )
+
+    @triton.jit
+    def _store_plane(
+        payload_ptr,
+        row_base,
+        offset,
+        code,
+        row_ok,
+        W: tl.constexpr,
+        SHIFT: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        K: tl.constexpr = 8 // W
+        sub = (code >> SHIFT) & ((1 << W) - 1)
+        sub3 = tl.reshape(sub, (ROWS, K, BLOCK // K))
+        byte = tl.sum(sub3 << (tl.arange(0, K) * W)[None, :, None], axis=1)
+        j = tl.arange(0, BLOCK // K)
+        tl.store(
+            payload_ptr + row_base + offset + j[None, :], byte.to(tl.uint8), mask=row_ok[:, None]
+        )
+
+    @triton.jit
+    def _load_plane(
+        payload_ptr,
+        row_base,
+        offset,
+        row_ok,
+        W: tl.constexpr,
+        SHIFT: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        K: tl.constexpr = 8 // W
+        j = tl.arange(0, BLOCK // K)
+        byte = tl.load(payload_ptr + row_base + offset + j[None, :], mask=row_ok[:, None], other=0)
+        sub3 = (byte.to(tl.int32)[:, None, :] >> (tl.arange(0, K) * W)[None, :, None]) & (
+            (1 << W) - 1
+        )
+        return tl.reshape(sub3, (ROWS, BLOCK)) << SHIFT
 
     @triton.jit
     def _dequantize_kernel(
@@ -167,25 +204,20 @@ if triton is not None:
         IS_E4M3: tl.constexpr,
         OUT_BF16: tl.constexpr,
         FMAX: tl.constexpr,
+        W0: tl.constexpr,
+        W1: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
         row_ok = rows < nblocks
         cols = tl.arange(0, BLOCK)
         idx = rows.to(tl.int64)[:, None] * BLOCK + cols[None, :]
-        if BITS == 8:
-            code = tl.load(payload_ptr + idx, mask=row_ok[:, None], other=0).to(tl.int32)
-        else:
-            g = tl.arange(0, BLOCK // 8)
-            k = tl.arange(0, 8)
-            base = rows.to(tl.int64)[:, None] * (BLOCK * BITS // 8) + g[None, :] * BITS
-            offs = base[:, :, None] + k[None, None, :]
-            m = row_ok[:, None, None] & (k < BITS)[None, None, :]
-            byte = tl.load(payload_ptr + offs, mask=m, other=0).to(tl.int64)
-            words = tl.sum(byte << (8 * k).to(tl.int64)[None, None, :], axis=2)
-            shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
-            codes3 = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-            code = tl.reshape(codes3, (ROWS, BLOCK)).to(tl.int32)
+        row_base = rows.to(tl.int64)[:, None] * (BLOCK * BITS // 8)
+        code = _load_plane(payload_ptr, row_base, 0, row_ok, W0, 0, ROWS, BLOCK)
+        if W1 > 0:
+            code = code | _load_plane(
+                payload_ptr, row_base, BLOCK // (8 // W0), row_ok, W1, W0, ROWS, BLOCK
+            )
 
         if IS_INT:
             val = (code - (1 << (BITS - 1))).to(tl.float32)
@@ -219,10 +251,12 @@ def _rows_per_program(spec: QuantSpec, device: torch.device) -> int:
 
 
 def _format_consts(spec: QuantSpec) -> dict:
+    planes = PLANES[spec.bits] + (0,)
+    consts = {"W0": planes[0], "W1": planes[1]}
     if spec.format == "int":
-        return {"IS_INT": True, "MBITS": 0, "EMIN": 0}
+        return {"IS_INT": True, "MBITS": 0, "EMIN": 0, **consts}
     mf = MINIFLOATS[spec.format]
-    return {"IS_INT": False, "MBITS": mf.mbits, "EMIN": mf.emin}
+    return {"IS_INT": False, "MBITS": mf.mbits, "EMIN": mf.emin, **consts}
 
 
 def quantize_flat(
