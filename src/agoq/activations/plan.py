@@ -1,0 +1,409 @@
+"""ActivationPlan: which format each kind of saved activation is stored in.
+
+A *kind* names the role of a tensor saved for backward (``norm_input``,
+``attn_internals``, ...). Kinds are resolved from the module that saves the tensor, by FQN
+pattern and module class; the defaults recognise agoq's reference LLaMA, torchtitan's llama3
+(0.2.x and 0.3.x names) and HuggingFace Llama. Each kind maps to a :class:`QuantSpec`,
+``"keep"`` (stored untouched) or ``"recompute"`` (not stored: rebuilt in backward from other
+stored tensors, the paper's "Case 1"; if it cannot be rebuilt, stored with ``fallback``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..quant import QuantSpec
+
+Action = QuantSpec | Literal["keep", "recompute"]
+
+KINDS: dict[str, str] = {
+    "norm_input": "input of an RMSNorm/LayerNorm (the residual stream)",
+    "attn_proj_input": "input of the Q/K/V projections (the attention norm's output)",
+    "attn_internals": "what attention saves: rotated q/k, v, its output, logsumexp",
+    "attn_out_input": "input of the attention output projection",
+    "mlp_up_input": "input of the MLP gate/up projections (the MLP norm's output)",
+    "swiglu_input": "what the MLP activation saves: gate/up outputs and their products",
+    "mlp_down_input": "input of the MLP down projection (the SwiGLU product)",
+    "embedding_output": "output of the token embedding",
+    "lm_head_input": "input of the LM head (the final norm's output)",
+    "other": "anything else saved while the context is active (e.g. the loss's logits)",
+}
+
+
+@dataclass(frozen=True)
+class KindRule:
+    """Assigns ``kind`` to modules whose FQN matches ``pattern`` (``re.search``) or whose
+    class name is in ``classes``. Producer rules (``producer=True``) instead tag a module's
+    *output*: a saved tensor produced by that module gets the kind wherever it is saved."""
+
+    kind: str
+    pattern: str = ""
+    classes: tuple[str, ...] = ()
+    producer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"KindRule.kind {self.kind!r} is not one of {sorted(KINDS)}")
+        if not self.pattern and not self.classes:
+            raise ValueError("KindRule needs a pattern or classes")
+        if self.pattern:
+            re.compile(self.pattern)
+
+    def matches(self, fqn: str, module: nn.Module) -> bool:
+        """True when this rule applies to ``module`` named ``fqn``."""
+        if self.classes and type(module).__name__ in self.classes:
+            return True
+        return bool(self.pattern) and re.search(self.pattern, fqn) is not None
+
+
+_SEG = r"(?:^|\.)"
+DEFAULT_RULES: tuple[KindRule, ...] = (
+    KindRule("embedding_output", _SEG + r"(tok_embeddings|embed_tokens|wte)$", producer=True),
+    KindRule(
+        "norm_input",
+        _SEG + r"(attention_norm|ffn_norm|norm|input_layernorm|post_attention_layernorm|ln_f)$",
+        classes=("RMSNorm", "LayerNorm", "LlamaRMSNorm"),
+    ),
+    KindRule(
+        "attn_proj_input",
+        _SEG
+        + r"(attention\.(wq|wk|wv|wqkv|qkv_linear\.wqkv|qkv_linear)"
+        + r"|self_attn\.(q_proj|k_proj|v_proj|qkv_proj))$",
+    ),
+    KindRule("attn_out_input", _SEG + r"(attention\.wo|self_attn\.o_proj)$"),
+    KindRule("attn_internals", _SEG + r"(attention|self_attn|inner_attention|sdpa)$"),
+    KindRule(
+        "mlp_up_input",
+        _SEG + r"(feed_forward\.(w1|w3|w13)|mlp\.(gate_proj|up_proj|gate_up_proj))$",
+    ),
+    KindRule("mlp_down_input", _SEG + r"(feed_forward\.w2|mlp\.down_proj)$"),
+    KindRule("swiglu_input", _SEG + r"(feed_forward|mlp)$"),
+    KindRule("lm_head_input", _SEG + r"(output|lm_head)$"),
+)
+
+_PLAN_KEYS = (
+    "preset",
+    "bits",
+    "format",
+    "block",
+    "scale_dtype",
+    "kinds",
+    "rules",
+    "min_numel",
+    "recompute",
+    "fallback",
+    "compiled",
+)
+
+
+def _action(value: Any, base: QuantSpec, where: str) -> Action:
+    """Parse a plan value: "keep", "recompute", 16 (= keep), a bit width, or a spec table."""
+    if isinstance(value, QuantSpec) or value in ("keep", "recompute"):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(
+            f"{where}: expected a bit width, 'keep', 'recompute' or a table, got {value!r}"
+        )
+    if isinstance(value, int):
+        return "keep" if value == 16 else spec_for_bits(value, base)
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"bits", "format", "block", "rounding", "scale_dtype"}
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {sorted(unknown)}; expected bits, format, "
+                "block, rounding, scale_dtype"
+            )
+        kw = dict(value)
+        if "scale_dtype" in kw:
+            kw["scale_dtype"] = _dtype(kw["scale_dtype"], where)
+        return dataclasses.replace(base, **kw)
+    raise ValueError(
+        f"{where}: expected a bit width, 'keep', 'recompute' or a table, got {value!r}"
+    )
+
+
+def _dtype(name: Any, where: str) -> torch.dtype:
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in table:
+        raise ValueError(f"{where}: scale_dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return table[name]
+
+
+def spec_for_bits(bits: int, base: QuantSpec) -> QuantSpec:
+    """``base`` moved to ``bits``: keeps its format where valid, else symmetric int."""
+    fmt = base.format
+    if (fmt == "fp4_e2m1" and bits != 4) or (fmt == "fp8_e4m3" and bits != 8):
+        fmt = "int"
+    return dataclasses.replace(base, bits=bits, format=fmt)
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """Storage format of saved activations, per kind.
+
+    ``kinds`` maps kind names (see :data:`KINDS`) to an action; kinds not listed use
+    ``kinds["other"]`` (default ``"keep"``). ``rules`` are tried before the defaults, so
+    users can name their own modules. ``recompute`` turns rebuilding on globally;
+    ``fallback`` stores a ``"recompute"`` tensor that cannot be rebuilt. Tensors with fewer
+    than ``min_numel`` elements are kept. ``compiled`` is the single format used for tensors
+    saved inside ``torch.compile``d regions, where the saving module is not known.
+    """
+
+    kinds: Mapping[str, Action] = field(default_factory=dict)
+    rules: tuple[KindRule, ...] = ()
+    recompute: bool = True
+    fallback: QuantSpec | Literal["keep"] = QuantSpec(bits=4, format="fp4_e2m1", block=128)
+    min_numel: int = 4096
+    compiled: QuantSpec | Literal["keep"] = "keep"
+
+    def __post_init__(self) -> None:
+        for kind, action in self.kinds.items():
+            if kind not in KINDS:
+                raise ValueError(
+                    f"ActivationPlan: unknown kind {kind!r}; known kinds: {sorted(KINDS)}"
+                )
+            if not (isinstance(action, QuantSpec) or action in ("keep", "recompute")):
+                raise ValueError(f"ActivationPlan: kind {kind!r} has invalid action {action!r}")
+        if not (isinstance(self.fallback, QuantSpec) or self.fallback == "keep"):
+            raise ValueError(
+                f"ActivationPlan.fallback must be a QuantSpec or 'keep', got {self.fallback!r}"
+            )
+        if not (isinstance(self.compiled, QuantSpec) or self.compiled == "keep"):
+            raise ValueError(
+                f"ActivationPlan.compiled must be a QuantSpec or 'keep', got {self.compiled!r}"
+            )
+        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise ValueError(
+                f"ActivationPlan.min_numel must be a non-negative int, got {self.min_numel!r}"
+            )
+        object.__setattr__(self, "kinds", dict(self.kinds))
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    # ---------------------------------------------------------------- presets
+
+    @classmethod
+    def agoq(
+        cls,
+        bits: int = 4,
+        format: str = "fp4_e2m1",
+        block: int = 128,
+        scale_dtype: torch.dtype = torch.float32,
+        recompute: bool = True,
+        **kw: Any,
+    ) -> ActivationPlan:
+        """The paper's plan (Table 1): attention internals kept; norm inputs, the SwiGLU
+        input and the attention out-projection input at ``bits``; the GEMM inputs that are
+        cheap functions of those (norm outputs, the SwiGLU product) recomputed."""
+        spec = QuantSpec(bits=bits, format=format, block=block, scale_dtype=scale_dtype)
+        kinds: dict[str, Action] = {
+            "norm_input": spec,
+            "embedding_output": spec,
+            "attn_proj_input": "recompute",
+            "attn_internals": "keep",
+            "attn_out_input": spec,
+            "mlp_up_input": "recompute",
+            "swiglu_input": spec,
+            "mlp_down_input": "recompute",
+            "lm_head_input": "recompute",
+            "other": "keep",
+        }
+        return cls(kinds=kinds, recompute=recompute, fallback=spec, **kw)
+
+    @classmethod
+    def uniform(cls, spec: QuantSpec, *, include_other: bool = False, **kw: Any) -> ActivationPlan:
+        """Every kind in ``spec``, attention internals included (the paper's failing ablation).
+        ``other`` (tensors saved outside any model module) only with ``include_other``."""
+        kinds: dict[str, Action] = {k: spec for k in KINDS}
+        if not include_other:
+            kinds["other"] = "keep"
+        return cls(kinds=kinds, recompute=False, fallback=spec, **kw)
+
+    @classmethod
+    def keep_all(cls) -> ActivationPlan:
+        """Store everything untouched (the context then only measures)."""
+        return cls(kinds={k: "keep" for k in KINDS}, recompute=False, fallback="keep")
+
+    # ------------------------------------------------------------- resolution
+
+    def action(self, kind: str) -> Action:
+        """What to do with a tensor of ``kind``."""
+        return self.kinds.get(kind, self.kinds.get("other", "keep"))
+
+    def kind_of(self, fqn: str, module: nn.Module) -> str | None:
+        """The kind a module's saved tensors get, or None if no rule names it."""
+        for rule in self.rules + DEFAULT_RULES:
+            if not rule.producer and rule.matches(fqn, module):
+                return rule.kind
+        return None
+
+    def producer_kind(self, fqn: str, module: nn.Module) -> str | None:
+        """The kind of this module's *output*, if a producer rule names it."""
+        for rule in self.rules + DEFAULT_RULES:
+            if rule.producer and rule.matches(fqn, module):
+                return rule.kind
+        return None
+
+    def with_bits(self, old_bits: int, new_bits: int) -> ActivationPlan:
+        """A copy where every spec at ``old_bits`` moves to ``new_bits`` (16 = keep)."""
+
+        def move(a: Action) -> Action:
+            if isinstance(a, QuantSpec) and a.bits == old_bits:
+                return "keep" if new_bits == 16 else spec_for_bits(new_bits, a)
+            return a
+
+        fb = self.fallback
+        return dataclasses.replace(
+            self,
+            kinds={k: move(a) for k, a in self.kinds.items()},
+            fallback=move(fb) if isinstance(fb, QuantSpec) else fb,
+        )
+
+    def for_stage(
+        self,
+        stage_index: int,
+        num_stages: int,
+        schedule: Any = "1f1b",
+        *,
+        n_microbatches: int | None = None,
+        stages_per_rank: int = 1,
+        base_bits: int = 4,
+    ) -> ActivationPlan:
+        """The plan for pipeline rank ``stage_index`` (DBCA-PP).
+
+        Each rank's peak number of in-flight micro-batches N_i is counted from the real
+        ``torch.distributed.pipelining`` schedule; a rank holding fewer gets more bits: the
+        largest of 4/5/6/8/16 with ``N_i * bits <= max_j N_j * base_bits``, so no rank's
+        stored-activation peak exceeds the most loaded rank's. Specs at ``base_bits`` move.
+        """
+        from ..pipeline import inflight_microbatches, stage_bits
+
+        if not 0 <= stage_index < num_stages:
+            raise ValueError(f"stage_index {stage_index} out of range for {num_stages} stages")
+        m = n_microbatches if n_microbatches is not None else max(num_stages * stages_per_rank, 1)
+        counts = inflight_microbatches(schedule, num_stages, m, stages_per_rank=stages_per_rank)
+        bits = stage_bits(counts, base_bits=base_bits)[stage_index]
+        return self if bits == base_bits else self.with_bits(base_bits, bits)
+
+    # ------------------------------------------------------------- from config
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any]) -> ActivationPlan:
+        """A plan from a dict / TOML table; unknown keys raise ValueError naming them.
+
+        Keys: ``preset`` ("agoq", "uniform", "keep"), ``bits``, ``format``, ``block``,
+        ``scale_dtype``, ``kinds`` (kind -> bits | "keep" | "recompute" | spec table),
+        ``rules`` (list of {kind, pattern, classes}), ``min_numel``, ``recompute``,
+        ``fallback`` and ``compiled`` (bits | "keep" | spec table).
+        """
+        if not isinstance(table, Mapping):
+            raise ValueError(f"activation plan must be a table, got {type(table).__name__}")
+        unknown = set(table) - set(_PLAN_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {sorted(unknown)} in activation plan; "
+                f"expected some of {list(_PLAN_KEYS)}"
+            )
+        base = QuantSpec(
+            bits=table.get("bits", 4),
+            format=table.get("format", "fp4_e2m1" if table.get("bits", 4) == 4 else "int"),
+            block=table.get("block", 128),
+            scale_dtype=_dtype(table.get("scale_dtype", "float32"), "activation plan"),
+        )
+        preset = table.get("preset", "agoq")
+        if preset == "agoq":
+            plan = cls.agoq(
+                bits=base.bits, format=base.format, block=base.block, scale_dtype=base.scale_dtype
+            )
+        elif preset == "uniform":
+            plan = cls.uniform(base)
+        elif preset == "keep":
+            plan = cls.keep_all()
+        else:
+            raise ValueError(
+                f"unknown activation plan preset {preset!r}; choose 'agoq', 'uniform' or 'keep'"
+            )
+        kinds = dict(plan.kinds)
+        user_kinds = table.get("kinds", {})
+        if not isinstance(user_kinds, Mapping):
+            raise ValueError("activation plan 'kinds' must be a table")
+        for kind, value in user_kinds.items():
+            if kind not in KINDS:
+                raise ValueError(
+                    f"unknown kind {kind!r} in activation plan; known: {sorted(KINDS)}"
+                )
+            kinds[kind] = _action(value, base, f"activation plan kind {kind!r}")
+        rules = []
+        for i, r in enumerate(table.get("rules", [])):
+            if not isinstance(r, Mapping):
+                raise ValueError(f"activation plan rules[{i}] must be a table")
+            bad = set(r) - {"kind", "pattern", "classes", "producer"}
+            if bad:
+                raise ValueError(f"unknown key(s) {sorted(bad)} in activation plan rules[{i}]")
+            rules.append(
+                KindRule(
+                    r.get("kind", ""),
+                    r.get("pattern", ""),
+                    tuple(r.get("classes", ())),
+                    bool(r.get("producer", False)),
+                )
+            )
+        changes: dict[str, Any] = {"kinds": kinds, "rules": tuple(rules)}
+        if "min_numel" in table:
+            changes["min_numel"] = table["min_numel"]
+        if "recompute" in table:
+            if not isinstance(table["recompute"], bool):
+                raise ValueError("activation plan 'recompute' must be true or false")
+            changes["recompute"] = table["recompute"]
+        for key in ("fallback", "compiled"):
+            if key in table:
+                a = _action(table[key], base, f"activation plan {key!r}")
+                if a == "recompute":
+                    raise ValueError(f"activation plan {key!r} cannot be 'recompute'")
+                changes[key] = a
+        return dataclasses.replace(plan, **changes)
+
+    @classmethod
+    def from_toml(cls, path_or_text: str, table: str = "activations") -> ActivationPlan:
+        """A plan from a TOML file path or TOML text; reads ``[table]`` (dotted allowed)."""
+        import os
+
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            import tomli as tomllib  # type: ignore[no-redef]
+
+        text = open(path_or_text).read() if os.path.exists(path_or_text) else path_or_text
+        data: Any = tomllib.loads(text)
+        for part in table.split(".") if table else []:
+            if part not in data:
+                raise ValueError(f"TOML has no [{table}] table")
+            data = data[part]
+        return cls.from_dict(data)
+
+    def describe(self) -> str:
+        """One line per kind: what is stored."""
+        lines = []
+        for kind in KINDS:
+            a = self.action(kind)
+            if isinstance(a, QuantSpec):
+                txt = f"{a.format} {a.bits}-bit, block {a.block}"
+            elif a == "recompute":
+                txt = "recomputed" if self.recompute else f"fallback ({self.fallback})"
+            else:
+                txt = "kept (16/32-bit)"
+            lines.append(f"{kind:18s} {txt}")
+        return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Exact byte accounting of saved activations and its printable report."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Row:
+    """What one (module, kind) saved: counts and exact bytes."""
+
+    saves: int = 0
+    tensors: int = 0
+    elements: int = 0
+    original_bytes: int = 0
+    stored_bytes: int = 0
+    modes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, other: Row) -> None:
+        """Accumulate ``other`` into this row."""
+        self.saves += other.saves
+        self.tensors += other.tensors
+        self.elements += other.elements
+        self.original_bytes += other.original_bytes
+        self.stored_bytes += other.stored_bytes
+        for k, v in other.modes.items():
+            self.modes[k] += v
+
+    @property
+    def bits(self) -> float:
+        """Stored bits per element of the unique tensors saved."""
+        return 8 * self.stored_bytes / self.elements if self.elements else 0.0
+
+
+@dataclass
+class MemoryReport:
+    """Per (FQN, kind): tensors saved for backward, original and stored bytes.
+
+    ``saves`` counts pack calls; ``tensors``/bytes count each distinct tensor once (a tensor
+    saved by three GEMMs costs its bytes once, as it does without agoq). Modes: ``quantized``,
+    ``kept``, ``recomputed`` (0 bytes), ``dedup`` (a repeat save of a stored tensor).
+    """
+
+    rows: dict[tuple[str, str], Row] = field(default_factory=dict)
+
+    def record(
+        self, fqn: str, kind: str, mode: str, elements: int, original: int, stored: int
+    ) -> None:
+        """Account one pack call (elements/bytes are 0 for a repeat save)."""
+        row = self.rows.setdefault((fqn, kind), Row())
+        row.saves += 1
+        row.modes[mode] += 1
+        if mode != "dedup":
+            row.tensors += 1
+            row.elements += elements
+            row.original_bytes += original
+            row.stored_bytes += stored
+
+    def clear(self) -> None:
+        """Forget everything recorded so far."""
+        self.rows.clear()
+
+    def total(self, prefix: str = "") -> Row:
+        """Sum over FQNs starting with ``prefix``."""
+        out = Row()
+        for (fqn, _), row in self.rows.items():
+            if fqn.startswith(prefix):
+                out.add(row)
+        return out
+
+    def by_kind(self, prefix: str = "") -> dict[str, Row]:
+        """Rows summed per kind (over FQNs starting with ``prefix``)."""
+        out: dict[str, Row] = defaultdict(Row)
+        for (fqn, kind), row in self.rows.items():
+            if fqn.startswith(prefix):
+                out[kind].add(row)
+        return dict(out)
+
+    def by_fqn(self) -> dict[str, Row]:
+        """Rows summed per FQN."""
+        out: dict[str, Row] = defaultdict(Row)
+        for (fqn, _), row in self.rows.items():
+            out[fqn].add(row)
+        return dict(out)
+
+    @property
+    def original_bytes(self) -> int:
+        """Bytes the saved tensors would take unquantized."""
+        return self.total().original_bytes
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes agoq actually holds for them."""
+        return self.total().stored_bytes
+
+    def table(self, *, group: str = "fqn", unit: int | None = None) -> str:
+        """A fixed-width table, one line per FQN (``group="fqn"``) or per kind.
+
+        With ``unit`` (bytes), bytes are also shown in that unit (e.g. U = b*s*h*2).
+        """
+        rows = self.by_fqn() if group == "fqn" else self.by_kind()
+        if group == "fqn":
+            kinds = {fqn: kind for (fqn, kind) in self.rows}
+            rows = {f"{fqn} [{kinds[fqn]}]": r for fqn, r in rows.items()}
+        width = max([len(k) for k in rows] + [10])
+        head = f"{'module' if group == 'fqn' else 'kind':<{width}}  saves  tensors  original MiB  stored MiB  bits  modes"
+        lines = [head, "-" * len(head)]
+
+        def fmt(name: str, r: Row) -> str:
+            extra = (
+                f"  ({r.original_bytes / unit:.2f}U -> {r.stored_bytes / unit:.2f}U)"
+                if unit
+                else ""
+            )
+            modes = ",".join(f"{k}:{v}" for k, v in sorted(r.modes.items()))
+            return (
+                f"{name:<{width}}  {r.saves:5d}  {r.tensors:7d}  {r.original_bytes / 2**20:12.3f}"
+                f"  {r.stored_bytes / 2**20:10.3f}  {r.bits:4.1f}  {modes}{extra}"
+            )
+
+        for name in sorted(rows):
+            lines.append(fmt(name, rows[name]))
+        lines.append("-" * len(head))
+        lines.append(fmt("total", self.total()))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

@@ -1,0 +1,1 @@
+"""Reference models used by tests, benchmarks and the demo."""
