@@ -117,12 +117,8 @@ class _GPipeOrder1F1B(ts.Schedule1F1B):
 
 
 def test_multi_stage_count_follows_the_classes_pipeline_order() -> None:
-    assert inflight_microbatches(ts.ScheduleInterleaved1F1B, 4, 8, stages_per_rank=2) == [
-        11,
-        9,
-        7,
-        5,
-    ]
+    stock = inflight_microbatches(ts.ScheduleInterleaved1F1B, 4, 8, stages_per_rank=2)
+    assert stock == [11, 9, 7, 5]
     assert inflight_microbatches(_BFSOrderInterleaved, 4, 8, stages_per_rank=2) == [16] * 4
 
 
