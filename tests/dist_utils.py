@@ -85,6 +85,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     if len(results) < world:
         missing = sorted(set(range(world)) - set(results))
         codes = [p.exitcode for p in procs]
-        raise AssertionError(f"ranks {missing} did not finish within {timeout}s (exit codes {codes})")
+        raise AssertionError(
+            f"ranks {missing} did not finish within {timeout}s (exit codes {codes})"
+        )
     sys.stdout.flush()
     return [results[r] for r in range(world)]

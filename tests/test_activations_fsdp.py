@@ -31,7 +31,9 @@ def _fsdp_rank(rank: int, world: int) -> dict:
     def grads(model, plan):
         model.zero_grad()
         if plan is None:
-            loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 128), tokens[:, 1:].reshape(-1))
+            loss = F.cross_entropy(
+                model(tokens[:, :-1]).reshape(-1, 128), tokens[:, 1:].reshape(-1)
+            )
         else:
             with quantize_activations(plan):
                 logits = model(tokens[:, :-1])
@@ -48,7 +50,9 @@ def _fsdp_rank(rank: int, world: int) -> dict:
     rel = {n: ((got[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref}
     from torch import nn
 
-    params_seen = sum(isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter) for x in seen)
+    params_seen = sum(
+        isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter) for x in seen
+    )
     return {"rel": rel, "quantized": len(seen), "params_seen": params_seen}
 
 
