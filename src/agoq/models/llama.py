@@ -67,11 +67,15 @@ def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of the last dim; x is (batch, seq, heads, head_dim)."""
-    xr = x.float().unflatten(-1, (-1, 2))
+    """Rotate pairs (x[i], x[i + d/2]) of the last dim; x is (batch, seq, heads, head_dim).
+
+    Computed in fp32 against the fp32 tables: the products by cos/sin (buffers) save only
+    the buffers for backward, so RoPE adds no activation memory.
+    """
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((xr[..., 0] * c - xr[..., 1] * s, xr[..., 0] * s + xr[..., 1] * c), -1)
-    return out.flatten(-2).type_as(x)
+    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).type_as(x)
 
 
 class Attention(nn.Module):
@@ -94,11 +98,12 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
