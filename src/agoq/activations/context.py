@@ -24,6 +24,7 @@ from torch import nn
 
 from ..memory import MemoryReport
 from ..quant import Packed, QuantSpec, dequantize, quantize
+from .compiled import ACTIVE, hook_pair, pop_active, push_active
 from .plan import ActivationPlan
 from .recompute import RecipeMode, Recipes
 
@@ -137,21 +138,23 @@ class ActivationContext:
         self._recipes = Recipes()
         self._handles: list[Any] = []
         self._active = 0
+        self._pair: tuple = ()
 
     # ----------------------------------------------------------- enter / exit
 
     def __enter__(self) -> ActivationContext:
         if self._active:
             raise RuntimeError("this quantize_activations context is already active")
-        from torch.nn.modules import module as nn_module
-
-        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        _install_module_hooks()
+        self._pair = hook_pair(self.plan)
+        hooks = torch.autograd.graph.saved_tensors_hooks(*self._pair)
         hooks.__enter__()
-        self._handles = [
-            hooks,
-            nn_module.register_module_forward_pre_hook(self._pre_hook),
-            nn_module.register_module_forward_hook(self._post_hook, always_call=True),
-        ]
+        push_active(self)
+        # "no_static": the hooks also see a compiled region's non-static inputs (a block's
+        # input, saved for its first norm), never its parameters or buffers.
+        filtering = torch._functorch.config.patch(saved_tensors_hooks_filtering_mode="no_static")
+        filtering.__enter__()
+        self._handles = [hooks, filtering]
         if self.plan.recompute:
             mode = RecipeMode(self._recipes, self._hooks_on_top)
             mode.__enter__()
@@ -166,6 +169,7 @@ class ActivationContext:
                 h.remove()
             else:
                 h.__exit__(*exc)
+        pop_active(self)
         self._stack.clear()
         self._active = 0
 
@@ -173,20 +177,16 @@ class ActivationContext:
         """False inside someone else's saved-tensor hooks (e.g. activation checkpointing),
         where our pack never runs: recording recipes there would only cost time."""
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        return top is not None and top[0] == self._pack
+        return top is not None and top[0] is self._pair[0]
 
     # ------------------------------------------------------------ module stack
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
         if not self._stack and module not in self._roots:
             self._register_root(module)
         self._stack.append(module)
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
         while self._stack:
             if self._stack.pop() is module:
                 break
@@ -317,11 +317,35 @@ class ActivationContext:
         self.report.record(fqn, kind, mode, key.numel(), _nbytes(key), stored)
         return handle if key is t else _View(handle, t, key)
 
-    @staticmethod
-    def _unpack(obj: Any) -> torch.Tensor:
-        if isinstance(obj, torch.Tensor):
-            return obj
-        return obj.get()
+
+_MODULE_HOOKS: list = []
+
+
+def _global_pre_hook(module: nn.Module, args: Any) -> None:
+    # Checked first so dynamo folds the hook away inside compiled regions (no guard on the
+    # active contexts, no recompilation when a new context is entered).
+    if torch.compiler.is_compiling() or not ACTIVE:
+        return
+    ACTIVE[-1]._pre_hook(module, args)
+
+
+def _global_post_hook(module: nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling() or not ACTIVE:
+        return
+    ACTIVE[-1]._post_hook(module, args, output)
+
+
+def _install_module_hooks() -> None:
+    """Register the global module hooks once per process: dynamo guards on the keys of the
+    global hook dicts, so re-registering per context would recompile every compiled region.
+    With no active context each hook is a check of an empty list."""
+    if not _MODULE_HOOKS:
+        from torch.nn.modules import module as nn_module
+
+        _MODULE_HOOKS.append(nn_module.register_module_forward_pre_hook(_global_pre_hook))
+        _MODULE_HOOKS.append(
+            nn_module.register_module_forward_hook(_global_post_hook, always_call=True)
+        )
 
 
 def quantize_activations(plan: ActivationPlan | None = None) -> ActivationContext:

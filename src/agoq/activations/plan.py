@@ -159,8 +159,10 @@ class ActivationPlan:
     ``kinds["other"]`` (default ``"keep"``). ``rules`` are tried before the defaults, so
     users can name their own modules. ``recompute`` turns rebuilding on globally;
     ``fallback`` stores a ``"recompute"`` tensor that cannot be rebuilt. Tensors with fewer
-    than ``min_numel`` elements are kept. ``compiled`` is the single format used for tensors
-    saved inside ``torch.compile``d regions, where the saving module is not known.
+    than ``min_numel`` elements are kept. ``compiled`` decides for tensors saved inside
+    ``torch.compile``d regions: ``"plan"`` (default) applies the kinds by the module that
+    produced each saved value (attention recognised by its ops), a QuantSpec stores every
+    saved value in that spec (attention included), ``"keep"`` stores them untouched.
     """
 
     kinds: Mapping[str, Action] = field(default_factory=dict)
@@ -168,7 +170,7 @@ class ActivationPlan:
     recompute: bool = True
     fallback: QuantSpec | Literal["keep"] = QuantSpec(bits=4, format="fp4_e2m1", block=128)
     min_numel: int = 4096
-    compiled: QuantSpec | Literal["keep"] = "keep"
+    compiled: QuantSpec | Literal["keep", "plan"] = "plan"
 
     def __post_init__(self) -> None:
         for kind, action in self.kinds.items():
@@ -182,9 +184,10 @@ class ActivationPlan:
             raise ValueError(
                 f"ActivationPlan.fallback must be a QuantSpec or 'keep', got {self.fallback!r}"
             )
-        if not (isinstance(self.compiled, QuantSpec) or self.compiled == "keep"):
+        if not (isinstance(self.compiled, QuantSpec) or self.compiled in ("keep", "plan")):
             raise ValueError(
-                f"ActivationPlan.compiled must be a QuantSpec or 'keep', got {self.compiled!r}"
+                f"ActivationPlan.compiled must be a QuantSpec, 'keep' or 'plan', "
+                f"got {self.compiled!r}"
             )
         if not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(
@@ -370,6 +373,9 @@ class ActivationPlan:
             changes["recompute"] = table["recompute"]
         for key in ("fallback", "compiled"):
             if key in table:
+                if key == "compiled" and table[key] == "plan":
+                    changes[key] = "plan"
+                    continue
                 a = _action(table[key], base, f"activation plan {key!r}")
                 if a == "recompute":
                     raise ValueError(f"activation plan {key!r} cannot be 'recompute'")

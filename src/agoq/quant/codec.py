@@ -236,9 +236,28 @@ def decode_block_values(codes: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -
     """fp32 rows from codes (blocks, block) and their scales."""
     if spec.format == "int":
         vals = codes.to(torch.float32).sub_(2 ** (spec.bits - 1))
+    elif torch.compiler.is_compiling():
+        # No table under compile: a captured constant tensor cannot be inlined into the
+        # backward graph by AOTAutograd's saved-tensor-hook inlining.
+        vals = _decode_minifloat(codes.to(torch.int32), spec)
     else:
         vals = code_values(spec, codes.device)[codes.to(torch.int64)]
     return vals.mul_(s[:, None])
+
+
+def _decode_minifloat(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Arithmetic decode of sign/exponent/mantissa codes (same values as the table)."""
+    mf = MINIFLOATS[spec.format]
+    sign = 1.0 - 2.0 * ((codes >> (spec.bits - 1)) & 1).to(torch.float32)
+    field_e = (codes >> mf.mbits) & ((1 << mf.ebits) - 1)
+    mant = (codes & ((1 << mf.mbits) - 1)).to(torch.float32) / (1 << mf.mbits)
+    normal = field_e > 0
+    frac = torch.where(normal, 1.0 + mant, mant)
+    e = torch.where(normal, field_e + (mf.emin - 1), torch.full_like(field_e, mf.emin))
+    vals = sign * frac * _pow2(e)
+    if spec.format == "fp8_e4m3":  # the E4M3FN NaN codes; never emitted by encode
+        vals = torch.where((codes & 0x7F) == 0x7F, torch.full_like(vals, math.nan), vals)
+    return vals
 
 
 # A ``bits``-wide code is split into bit planes of width 8, 4, 2 or 1 (low bits first):
@@ -298,30 +317,52 @@ def _slab_rows(spec: QuantSpec) -> int:
     return max(1, _SLAB_ELEMENTS // spec.block)
 
 
+def _quantize_rows(
+    xb: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed rows, scales) of fp32 rows ``xb`` (blocks, block)."""
+    s = block_scales(xb, spec)
+    noise = None
+    if spec.rounding == "stochastic":
+        noise = torch.rand(xb.shape, generator=generator, device=xb.device)
+    codes = encode_block_values(xb, s, spec, noise)
+    return pack_codes(codes, spec.bits).reshape(-1), s.to(spec.scale_dtype)
+
+
+def _dequantize_rows(
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype
+) -> torch.Tensor:
+    codes = unpack_codes(payload, spec.bits, spec.block)
+    vals = decode_block_values(codes, scales.float(), spec)
+    # A scale rounded up can push the top code one ulp past the dtype's range: saturate so
+    # finite input always comes back finite (clamp keeps NaN).
+    return vals.clamp_(-finite_max(dtype), finite_max(dtype)).reshape(-1).to(dtype)
+
+
 def quantize_flat_torch(
     flat: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference quantizer of a 1-D tensor: returns (payload, scales)."""
     n = flat.numel()
     B = spec.block
+    if torch.compiler.is_compiling():
+        # One loop-free expression of the sizes, so dynamic shapes need no recompile and
+        # inductor fuses it; the bits are those of the eager slabs.
+        xb = torch.nn.functional.pad(flat.to(torch.float32), (0, (-n) % B)).view(-1, B)
+        return _quantize_rows(xb, spec, generator)
     nblocks = -(-n // B)
     payload = torch.empty(spec.payload_nbytes(n), dtype=torch.uint8, device=flat.device)
     scales = torch.empty(nblocks, dtype=spec.scale_dtype, device=flat.device)
-    step = nblocks if torch.compiler.is_compiling() else _slab_rows(spec)
+    step = _slab_rows(spec)
     row_bytes = B * spec.bits // 8
     for r0 in range(0, nblocks, step):
         r1 = min(nblocks, r0 + step)
         chunk = flat[r0 * B : min(r1 * B, n)].to(torch.float32)
         if chunk.numel() < (r1 - r0) * B:
             chunk = torch.nn.functional.pad(chunk, (0, (r1 - r0) * B - chunk.numel()))
-        xb = chunk.view(r1 - r0, B)
-        s = block_scales(xb, spec)
-        noise = None
-        if spec.rounding == "stochastic":
-            noise = torch.rand(xb.shape, generator=generator, device=xb.device)
-        codes = encode_block_values(xb, s, spec, noise)
-        payload[r0 * row_bytes : r1 * row_bytes] = pack_codes(codes, spec.bits).reshape(-1)
-        scales[r0:r1] = s.to(spec.scale_dtype)
+        rows, s = _quantize_rows(chunk.view(r1 - r0, B), spec, generator)
+        payload[r0 * row_bytes : r1 * row_bytes] = rows
+        scales[r0:r1] = s
     return payload, scales
 
 
@@ -330,18 +371,17 @@ def dequantize_flat_torch(
 ) -> torch.Tensor:
     """Reference dequantizer: the first ``numel`` elements, as ``dtype``."""
     B = spec.block
+    if torch.compiler.is_compiling():
+        return _dequantize_rows(payload, scales, spec, dtype)[:numel]
     nblocks = scales.numel()
     out = torch.empty(nblocks * B, dtype=dtype, device=payload.device)
-    step = nblocks if torch.compiler.is_compiling() else _slab_rows(spec)
+    step = _slab_rows(spec)
     row_bytes = B * spec.bits // 8
-    fmax = finite_max(dtype)
     for r0 in range(0, nblocks, step):
         r1 = min(nblocks, r0 + step)
-        codes = unpack_codes(payload[r0 * row_bytes : r1 * row_bytes], spec.bits, B)
-        vals = decode_block_values(codes, scales[r0:r1].float(), spec)
-        # A scale rounded up can push the top code one ulp past the dtype's range: saturate
-        # so finite input always comes back finite (clamp keeps NaN).
-        out[r0 * B : r1 * B] = vals.clamp_(-fmax, fmax).reshape(-1)
+        out[r0 * B : r1 * B] = _dequantize_rows(
+            payload[r0 * row_bytes : r1 * row_bytes], scales[r0:r1], spec, dtype
+        )
     return out[:numel]
 
 

@@ -1,0 +1,185 @@
+"""The saved-tensor hook pair, built as ``torch.fx.GraphModule``s so torch.compile inlines it.
+
+Autograd calls a hook pair that is a GraphModule like any callable, so in eager mode the
+wrapped leaf functions below run plain Python: they hand the tensor to the innermost active
+:class:`~agoq.activations.context.ActivationContext`. When AOTAutograd compiles a region
+while the context is active, it *inlines* GraphModule hooks into the compiled forward and
+backward (torch >= 2.13): it calls the leaves at trace time, once per saved graph node, with
+``_get_saved_tensor_hook_context()`` describing the node. The leaves then return only tensors
+and constants built from traceable codec ops, so quantization is fused into the graph and no
+Python runs per step.
+
+Under compile the saving module is known from dynamo's ``nn_module_stack`` of the node that
+produced the saved value, and attention is recognised by the node's source or by its use in
+an attention backward; the plan's actions apply per kind (``"recompute"`` kinds use the
+fallback spec: inductor's partitioner does its own recomputation of cheap ops).
+
+Hook pairs are memoised per plan: dynamo guards on the pair's identity, and a new pair
+would recompile every region.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..quant import Packed, QuantSpec, dequantize, quantize
+from .plan import ActivationPlan
+
+try:  # private in torch 2.13 ("may change without backward compatibility")
+    from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+except ImportError:  # pragma: no cover - other torch versions: no per-node information
+
+    def _get_saved_tensor_hook_context() -> dict[str, Any] | None:
+        return None
+
+
+ACTIVE: list[Any] = []  # active ActivationContexts, innermost last
+_PLANS: dict[str, ActivationPlan] = {}
+_PAIRS: dict[str, tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = {}
+
+_aten = torch.ops.aten
+_VIEWS = {
+    _aten.view.default,
+    _aten._unsafe_view.default,
+    _aten.t.default,
+    _aten.transpose.int,
+    _aten.permute.default,
+    _aten.expand.default,
+    _aten.detach.default,
+    _aten.alias.default,
+    _aten.reshape.default,
+    _aten.unsqueeze.default,
+    _aten.squeeze.dim,
+    _aten.clone.default,
+}
+
+
+def push_active(ctx: Any) -> None:
+    """Make ``ctx`` the context eager packs go to."""
+    ACTIVE.append(ctx)
+
+
+def pop_active(ctx: Any) -> None:
+    """Remove ``ctx`` from the active contexts."""
+    for i in range(len(ACTIVE) - 1, -1, -1):
+        if ACTIVE[i] is ctx:
+            del ACTIVE[i]
+            return
+
+
+def _is_attention_op(target: Any) -> bool:
+    name = str(target)
+    return "scaled_dot_product" in name or "flash_attention" in name or "flex_attention" in name
+
+
+def _feeds_attention_backward(bw_graph: torch.fx.Graph | None, name: str) -> bool:
+    """True if backward input ``name`` reaches an attention backward op through views."""
+    if bw_graph is None:
+        return False
+    todo = [p for p in bw_graph.find_nodes(op="placeholder") if p.name == name]
+    seen: set[torch.fx.Node] = set()
+    while todo:
+        for user in todo.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _is_attention_op(user.target) and "backward" in str(user.target):
+                return True
+            if user.target in _VIEWS:
+                todo.append(user)
+    return False
+
+
+def _module_of(node: torch.fx.Node) -> tuple[str, str]:
+    """(FQN-like path, class name) of the innermost module that produced ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    # dynamo spells paths like L['self'].layers['0'].attention.wq
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
+    path = re.sub(r"^L\.self\.?|^L\.[^.]+\.?", "", path)
+    return path, getattr(cls, "__name__", str(cls))
+
+
+def compiled_spec(
+    x: torch.Tensor, node: torch.fx.Node | None, bw_graph: Any, plan: ActivationPlan
+) -> QuantSpec | None:
+    """The spec a saved graph node is stored in under compile, or None to keep it."""
+    if not x.is_floating_point() or x.numel() < max(plan.min_numel, 1):
+        return None
+    if plan.compiled != "plan":
+        return plan.compiled if isinstance(plan.compiled, QuantSpec) else None
+    kind = "other"
+    if node is not None:
+        sources = [s[0] for s in node.meta.get("source_fn_stack", [])]
+        sources += [s[0] for s in node.meta.get("fwd_source_fn_stack", [])]
+        if any(_is_attention_op(s) for s in sources) or _feeds_attention_backward(
+            bw_graph, node.name
+        ):
+            kind = "attn_internals"
+        else:
+            # A region input (e.g. a block's input, saved by its first norm) has no module:
+            # use the module of its first consumer.
+            src = node
+            if node.op == "placeholder":
+                src = next((u for u in node.users if u.meta.get("nn_module_stack")), node)
+            path, cls = _module_of(src)
+            # Rules match on the class name: an empty instance of a same-named class will do.
+            kind = plan.kind_of(path, type(cls or "Module", (), {})()) or "other"
+    action = plan.action(kind)
+    if action == "recompute":
+        action = plan.fallback
+    return action if isinstance(action, QuantSpec) else None
+
+
+@torch.fx.wrap
+def agoq_pack(x: torch.Tensor, key: str) -> Any:
+    """Pack leaf: eager -> the active context; compile -> traceable codec ops."""
+    aot = _get_saved_tensor_hook_context()
+    if aot is None:
+        if not ACTIVE:  # the hooks outlived their context (should not happen): keep
+            return x
+        return ACTIVE[-1]._pack(x)
+    spec = compiled_spec(x, aot.get("_node"), aot.get("_bw_graph"), _PLANS[key])
+    if spec is None:
+        return x
+    p = quantize(x, spec, backend="torch")
+    # Only tensors and plain constants may leave a compiled hook (a dataclass breaks AOT).
+    fields = (spec.bits, spec.format, spec.block, spec.rounding, spec.scale_dtype)
+    return (p.payload, p.scales, fields, tuple(p.shape), tuple(p.stride), p.dtype, p.memory_order)
+
+
+@torch.fx.wrap
+def agoq_unpack(obj: Any) -> torch.Tensor:
+    """Unpack leaf: rebuild what :func:`agoq_pack` stored (original shape and strides)."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, tuple):
+        payload, scales, fields, shape, stride, dtype, memory_order = obj
+        p = Packed(
+            payload,
+            scales,
+            QuantSpec(*fields),
+            torch.Size(shape),
+            tuple(stride),
+            dtype,
+            memory_order,
+        )
+        return dequantize(p, backend="torch")
+    return obj.get()
+
+
+def hook_pair(plan: ActivationPlan) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The (pack, unpack) GraphModules for ``plan``, built once per distinct plan."""
+    key = repr(plan)
+    pair = _PAIRS.get(key)
+    if pair is None:
+        _PLANS[key] = plan
+        pack = torch.fx.symbolic_trace(lambda x: agoq_pack(x, key))
+        unpack = torch.fx.symbolic_trace(lambda obj: agoq_unpack(obj))
+        pair = _PAIRS[key] = (pack, unpack)
+    return pair
