@@ -37,7 +37,9 @@ def output_tolerance(y: torch.Tensor) -> torch.Tensor:
     rel = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(
         y.dtype, 2.0**-24
     )
-    tiny = {torch.float16: 2.0**-25}.get(y.dtype, 2.0**-149)
+    # Half the smallest subnormal of the output dtype (absolute rounding floor).
+    tiny = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}.get(y.dtype, 2.0**-150)
+    tiny += 2.0**-149  # the fp32 product code * scale, when it is itself subnormal
     return y.double().abs() * rel + tiny
 
 
