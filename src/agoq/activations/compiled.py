@@ -173,6 +173,14 @@ def agoq_unpack(obj: Any) -> torch.Tensor:
     return obj.get()
 
 
+class _HookModule(torch.fx.GraphModule):
+    """A GraphModule whose call skips nn.Module hooks: autograd calls the pack hook once per
+    saved tensor, and module hooks (agoq's own, MemTracker's) must not see those calls."""
+
+    def __call__(self, *args: Any) -> Any:
+        return self.forward(*args)
+
+
 def hook_pair(plan: ActivationPlan) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """The (pack, unpack) GraphModules for ``plan``, built once per distinct plan."""
     key = repr(plan)
@@ -181,5 +189,8 @@ def hook_pair(plan: ActivationPlan) -> tuple[torch.fx.GraphModule, torch.fx.Grap
         _PLANS[key] = plan
         pack = torch.fx.symbolic_trace(lambda x: agoq_pack(x, key))
         unpack = torch.fx.symbolic_trace(lambda obj: agoq_unpack(obj))
-        pair = _PAIRS[key] = (pack, unpack)
+        pair = _PAIRS[key] = (
+            _HookModule(pack, pack.graph, "agoq_pack_hook"),
+            _HookModule(unpack, unpack.graph, "agoq_unpack_hook"),
+        )
     return pair
