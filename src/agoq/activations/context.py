@@ -132,7 +132,7 @@ class ActivationContext:
             weakref.WeakKeyDictionary()
         )
         self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        self._statics: dict[int, weakref.ref] = {}
+        self._statics: dict[int, tuple[weakref.ref]] = {}
         self._producers: dict[int, tuple[weakref.ref, str]] = {}
         self._cache: dict[int, tuple[weakref.ref, _Handle | None]] = {}
         self._recipes = Recipes()
@@ -204,7 +204,7 @@ class ActivationContext:
             if m not in self._info:
                 self._info[m] = (fqn, self.plan.kind_of(fqn, m), self.plan.producer_kind(fqn, m))
         for t in list(root.parameters()) + list(root.buffers()):
-            self._statics[id(t)] = weakref.ref(t)
+            self._statics[id(t)] = (weakref.ref(t, self._forget(self._statics, id(t))),)
 
     def _where(self) -> tuple[str, str]:
         """(FQN, kind) of the innermost module with a kind on the stack."""
@@ -238,8 +238,8 @@ class ActivationContext:
         if base is not None and isinstance(base, nn.Parameter):
             return True
         key = base if base is not None else t
-        ref = self._statics.get(id(key))
-        return ref is not None and ref() is key
+        entry = self._statics.get(id(key))
+        return entry is not None and entry[0]() is key
 
     def _lookup(self, t: torch.Tensor) -> tuple[bool, _Handle | None]:
         entry = self._cache.get(id(t))
