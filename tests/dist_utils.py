@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import io
 import multiprocessing as mp
 import os
 import socket
@@ -33,7 +34,11 @@ def _worker(fn, rank, world, port, timeout, queue, args):
             "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
         )
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # Tensors sent through a multiprocessing queue are shared-memory handles that die
+        # with this process: send plain bytes instead.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report every failure to the parent, which fails the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -73,7 +78,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
                 break
             continue
         if status == "ok":
-            results[rank] = payload
+            import torch
+
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{payload}")
     for p in procs:

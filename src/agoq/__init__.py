@@ -1,6 +1,14 @@
 """agoq: 4-bit activations and 8-bit gradients for PyTorch LLM training."""
 
 from .activations import ActivationContext, ActivationPlan, KindRule, quantize_activations
+from .gradients import (
+    Int8AllReduceState,
+    Int8GradStore,
+    Int8ReduceScatter,
+    install_int8_reduce_scatter,
+    int8_all_reduce,
+    int8_allreduce,
+)
 from .memory import MemoryReport
 from .quant import Packed, QuantSpec, dequantize, quantize
 
@@ -9,12 +17,18 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationContext",
     "ActivationPlan",
+    "Int8AllReduceState",
+    "Int8GradStore",
+    "Int8ReduceScatter",
     "KindRule",
     "MemoryReport",
     "Packed",
     "QuantSpec",
     "__version__",
     "dequantize",
+    "install_int8_reduce_scatter",
+    "int8_all_reduce",
+    "int8_allreduce",
     "quantize",
     "quantize_activations",
 ]

@@ -18,7 +18,8 @@ from .allreduce import DEFAULT_SPEC, int8_all_reduce, int8_all_reduce_functional
 class Int8AllReduceState:
     """Options and error-feedback buffers of :func:`int8_allreduce`.
 
-    ``block`` and ``rounding`` set the int8 format; ``min_numel``: buckets with fewer
+    ``block``, ``scale_dtype`` and ``rounding`` set the int8 format (default: block 128,
+    bf16 scales); ``min_numel``: buckets with fewer
     elements use a plain full-precision all-reduce. ``error_feedback`` keeps, per parameter,
     the error of the last first-stage quantization and adds it before the next one; it is
     kept per parameter (not per bucket), so it survives DDP's bucket rebuild after the first
@@ -29,14 +30,17 @@ class Int8AllReduceState:
         self,
         process_group: dist.ProcessGroup | None = None,
         *,
-        block: int = 128,
+        block: int = DEFAULT_SPEC.block,
+        scale_dtype: torch.dtype = DEFAULT_SPEC.scale_dtype,
         rounding: str = "nearest",
         error_feedback: bool = False,
         min_numel: int = 0,
         seed: int = 0,
     ) -> None:
         self.process_group = process_group
-        self.spec = QuantSpec(bits=8, format="int", block=block, rounding=rounding)
+        self.spec = QuantSpec(
+            bits=8, format="int", block=block, rounding=rounding, scale_dtype=scale_dtype
+        )
         self.error_feedback = error_feedback
         if not isinstance(min_numel, int) or min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")

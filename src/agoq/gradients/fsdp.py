@@ -1,0 +1,394 @@
+"""The int8 gradient reduction for FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Two integration points, both public FSDP2 APIs (torch 2.13):
+
+* :class:`Int8ReduceScatter`, installed with ``FSDPModule.set_custom_reduce_scatter`` (or
+  :func:`install_int8_reduce_scatter` for a whole model), replaces FSDP's gradient
+  reduce-scatter over the *shard* group: quantize the flat unsharded gradient once (int8,
+  block-wise, fp32 scales; every shard, and with the module's layout every parameter inside
+  a shard, starts a new block) -> ``all_to_all_single`` of payload and scales -> dequantize
+  the W received chunks and sum them in fp32, in rank order -> apply FSDP's reduce op (AVG,
+  SUM or PREMUL_SUM(factor)) in fp32 -> write the shard in ``reduce_dtype``. Each element is
+  quantized exactly once: a reduce-scatter has no all-gather stage, so nothing is
+  requantized. A block holding NaN/Inf on any rank is NaN in the owner's shard (the codec
+  poisons the whole block), so non-finite gradients are never hidden.
+* :func:`int8_all_reduce_hook`, installed with ``FSDPModule.set_all_reduce_hook`` (or
+  :func:`install_int8_all_reduce_hook`), is for "custom HSDP": 1-D FSDP over a shard group
+  plus a *separate* replicate group that FSDP does not know about. FSDP runs the hook on the
+  reduce-scattered shard (before its own post-division); the hook *is* the all-reduce across
+  replicas, done with :func:`agoq.gradients.allreduce.int8_all_reduce` (two quantizations
+  per element; with the reduce-scatter, three).
+
+Covered:
+
+* 1-D FSDP meshes with a shard group of >= 2 ranks (the reduce-scatter); fp32, bf16 and fp16
+  ``reduce_dtype``; every op FSDP2 passes: AVG by default for fp32/bf16 (and when the divide
+  factor equals the shard size), ``PREMUL_SUM(1/f)`` after ``set_gradient_divide_factor(f)``,
+  SUM with ``set_force_sum_reduction_for_comms(True)`` or an fp16 ``reduce_dtype`` (FSDP
+  then divides itself). PREMUL_SUM works on gloo too: the sum happens here, not in gloo.
+* The shard-group reduce-scatter of native HSDP (2-D mesh): int8; its replicate all-reduce is
+  not (below).
+* Custom HSDP: 1-D FSDP (any shard size, including 1) + the hook over a replicate group.
+
+Not covered:
+
+* Shard groups of size 1: FSDP copies the gradient and never calls the custom reduce-scatter.
+* The replicate all-reduce of native HSDP (a 2-D mesh passed to ``fully_shard``) and of
+  ``replicate_with_fsdp.replicate``: a hard-coded ``dist.all_reduce`` in ``foreach_reduce``
+  with no replacement API, so it stays full precision. ``set_all_reduce_hook`` there runs
+  *after* it (:func:`install_int8_all_reduce_hook` refuses such modules).
+* Modules with several parameter groups (per-parameter meshes via ``shard_placement_fn``):
+  FSDP refuses custom comms and hooks for them.
+
+Collectives are issued and waited for synchronously from the calling thread (gloo runs
+``Future`` callbacks on worker threads, where collectives can deadlock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
+
+from ..quant import QuantSpec
+from ..quant.codec import dequantize_flat_torch, quantize_flat_torch
+from .allreduce import int8_all_reduce
+
+__all__ = [
+    "Int8ReduceScatter",
+    "install_int8_all_reduce_hook",
+    "install_int8_reduce_scatter",
+    "int8_all_reduce_hook",
+    "reduce_op_scale",
+    "shard_segments",
+]
+
+_ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
+
+
+def _spec(block: int) -> QuantSpec:
+    return QuantSpec(bits=8, format="int", block=block)
+
+
+def _check_min_numel(min_numel: int) -> None:
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+        raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
+
+
+def reduce_op_scale(op: _ReduceOpLike, world: int) -> float | torch.Tensor | None:
+    """The factor to multiply the fp32 sum by for FSDP's reduce ``op`` (None: plain sum).
+
+    SUM -> None, AVG -> 1/world, PREMUL_SUM(f) -> f (a float or a 0-d tensor). The premul
+    factor is applied once to the sum rather than to every input: the same value in exact
+    arithmetic, W times fewer multiplies. Any other op raises ValueError.
+    """
+    # FSDP passes either a bare RedOpType (SUM, AVG) or a ReduceOp object carrying a factor
+    # (``ReduceOp.PREMUL_SUM(1 / factor)``); the object exposes the type as ``.op``.
+    kind = getattr(op, "op", op)
+    if kind == dist.ReduceOp.SUM:
+        return None
+    if kind == dist.ReduceOp.AVG:
+        return 1.0 / world
+    if kind == dist.ReduceOp.PREMUL_SUM:
+        try:
+            return op.factor  # type: ignore[union-attr]
+        except (AttributeError, RuntimeError) as e:
+            raise ValueError(
+                "Int8ReduceScatter got ReduceOp.PREMUL_SUM without a factor; build it with "
+                "ReduceOp.PREMUL_SUM(factor) or dist._make_nccl_premul_sum(factor)"
+            ) from e
+    raise ValueError(
+        f"Int8ReduceScatter supports the gradient reductions FSDP2 uses (SUM, AVG, "
+        f"PREMUL_SUM(factor)); got {op!r}"
+    )
+
+
+def _apply_scale(acc: torch.Tensor, scale: float | torch.Tensor | None) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, torch.Tensor):
+        acc.mul_(scale.to(device=acc.device, dtype=acc.dtype))
+    elif scale != 1.0:
+        acc.mul_(scale)
+
+
+def _completed_work(result: torch.Tensor) -> dist.Work:
+    fut: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
+    fut.set_result([result])
+    return torch._C._distributed_c10d._create_work_from_future(fut)
+
+
+class _BlockLayout:
+    """Where the elements of a flat FSDP gradient shard go so that blocks follow parameters.
+
+    FSDP packs each parameter's shard back to back (``segments``: elements per parameter).
+    Quantizing that buffer in plain 256-element blocks would let a block straddle two
+    parameters, and a parameter with small gradients (a norm weight next to an output
+    projection) would then be quantized with its neighbour's scale: 10-20% error on it.
+    Each segment is therefore padded to whole blocks. ``get(n)`` returns the padded length
+    and the index of each element in it (None: only the tail needs padding).
+    """
+
+    def __init__(self, segments: Sequence[int] | None, block: int) -> None:
+        self.segments = None if segments is None else [int(x) for x in segments]
+        self.block = block
+        self.mismatches = 0
+        self._cache: dict[tuple[int, torch.device], tuple[int, torch.Tensor | None]] = {}
+
+    def get(self, n: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
+        key = (n, device)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        B = self.block
+        tail = -(-n // B) * B
+        segs = self.segments
+        if segs is None or sum(segs) != n:
+            # Unknown layout, or not every parameter had a gradient this time (FSDP only
+            # packs those that did): plain blocks from the start of the shard.
+            self.mismatches += int(segs is not None)
+            return tail, None
+        if all(x % B == 0 for x in segs[:-1]):
+            out: tuple[int, torch.Tensor | None] = (tail, None)
+        else:
+            starts, pos = [], 0
+            for x in segs:
+                starts.append(torch.arange(pos, pos + x, device=device))
+                pos += -(-x // B) * B
+            out = (pos, torch.cat(starts))
+        self._cache[key] = out
+        return out
+
+
+def shard_segments(module: FSDPModule) -> list[int] | None:
+    """Elements per FSDP-managed parameter in ``module``'s gradient shard, in the order FSDP
+    packs them for the reduce-scatter (None when FSDP state has no single parameter group).
+
+    Reads FSDP2's private parameter-group state (torch 2.13); the comm re-checks the total
+    at every call and falls back to plain blocks on a mismatch.
+    """
+    try:
+        groups = module._get_fsdp_state()._fsdp_param_groups
+        if len(groups) != 1:
+            return None
+        return [int(p.padded_sharded_param_size.numel()) for p in groups[0].fsdp_params]
+    except AttributeError:
+        return None
+
+
+class Int8ReduceScatter(ReduceScatter):
+    """FSDP2 gradient reduce-scatter with one int8 quantization per element.
+
+    ``block``: elements per fp32 scale. ``min_numel``: reduce-scatters whose input has fewer
+    elements skip quantization (same all-to-all + fp32 sum, full-precision wire).
+    ``segments``: elements per parameter in a shard (:func:`shard_segments`); with it each
+    parameter starts a new block, so no scale is shared by two parameters. Without it (or
+    when a call's shard size does not match), blocks start at each shard's start.
+    ``calls`` / ``full_precision_calls`` count the quantized and unquantized invocations.
+    """
+
+    def __init__(
+        self, *, block: int = 256, min_numel: int = 0, segments: Sequence[int] | None = None
+    ) -> None:
+        self.spec = _spec(block)
+        _check_min_numel(min_numel)
+        self.min_numel = min_numel
+        self.layout = _BlockLayout(segments, block)
+        self.calls = 0
+        self.full_precision_calls = 0
+
+    def allocate(
+        self,
+        size: Sequence[int | torch.SymInt],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """A plain buffer: FSDP allocates the input and output in ``reduce_dtype`` here."""
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: _ReduceOpLike,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        """Reduce ``input_tensor`` (world * shard elements) into this rank's ``output_tensor``.
+
+        Runs to completion before returning; with ``async_op=True`` (FSDP2 never passes it)
+        a completed Work is returned for callers that wait on it.
+        """
+        world = dist.get_world_size(group)
+        scale = reduce_op_scale(op, world)  # validate the op before any collective
+        n = output_tensor.numel()
+        if input_tensor.numel() != world * n:
+            raise ValueError(
+                f"Int8ReduceScatter: input has {input_tensor.numel()} elements, expected "
+                f"world ({world}) x output ({n})"
+            )
+        if not (input_tensor.is_floating_point() and output_tensor.is_floating_point()):
+            raise TypeError(
+                f"Int8ReduceScatter needs floating tensors, got {input_tensor.dtype} -> "
+                f"{output_tensor.dtype}"
+            )
+        rows = input_tensor.reshape(world, n)  # row r is the shard rank r owns
+        if input_tensor.numel() < self.min_numel:
+            acc = self._full_precision(rows, group)
+        else:
+            acc = self._int8(rows, group)
+        _apply_scale(acc, scale)
+        output_tensor.copy_(acc.view(output_tensor.shape))
+        return _completed_work(output_tensor) if async_op else None
+
+    def _int8(self, rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        self.calls += 1
+        world, n = rows.shape
+        spec = self.spec
+        # Pad each shard to whole blocks so no block straddles two ranks' shards: rank r's
+        # slice of payload and scales is then exactly its shard, and no rank's scale sees
+        # another shard's values. Within a shard, each parameter is padded likewise.
+        padded, index = self.layout.get(n, rows.device)
+        if index is not None:
+            buf = rows.new_zeros(world, padded)
+            buf[:, index] = rows
+            rows = buf
+        elif padded != n:
+            rows = torch.nn.functional.pad(rows, (0, padded - n))
+        payload, scales = quantize_flat_torch(rows.reshape(-1), spec)
+        recv_payload = torch.empty_like(payload)
+        recv_scales = torch.empty_like(scales)
+        dist.all_to_all_single(recv_payload, payload, group=group)
+        dist.all_to_all_single(recv_scales, scales, group=group)
+        del payload, scales
+        p_len = spec.payload_nbytes(padded)
+        s_len = padded // spec.block
+        acc = torch.empty(0)
+        # Dequantize one received chunk at a time and accumulate in fp32, in rank order:
+        # deterministic, and two chunk-sized fp32 buffers instead of W.
+        for r in range(world):
+            part = dequantize_flat_torch(
+                recv_payload[r * p_len : (r + 1) * p_len],
+                recv_scales[r * s_len : (r + 1) * s_len],
+                spec,
+                padded,
+                torch.float32,
+            )
+            acc = part if r == 0 else acc.add_(part)
+        return acc[:n] if index is None else acc[index]
+
+    def _full_precision(self, rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        self.full_precision_calls += 1
+        # All-to-all + local fp32 sum rather than dist.reduce_scatter_tensor: same order and
+        # accumulation precision as the int8 path, and PREMUL_SUM works on gloo too.
+        recv = torch.empty_like(rows)
+        dist.all_to_all_single(recv, rows.contiguous(), group=group)
+        acc = recv[0].to(torch.float32, copy=True)
+        for r in range(1, recv.shape[0]):
+            acc += recv[r]
+        return acc
+
+
+def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        raise ValueError(
+            f"no FSDPModule in {type(model).__name__}: apply "
+            "torch.distributed.fsdp.fully_shard to the model (or its blocks) first"
+        )
+    return mods
+
+
+def install_int8_reduce_scatter(model: nn.Module, *, block: int = 256, min_numel: int = 0) -> int:
+    """Make every FSDP2 module in ``model`` reduce-scatter gradients in int8.
+
+    Calls ``set_custom_reduce_scatter`` on each ``FSDPModule`` in ``model.modules()`` (the
+    setter is not recursive) with an :class:`Int8ReduceScatter` that knows the module's
+    parameter layout (:func:`shard_segments`); returns how many modules.
+    """
+    mods = _fsdp_modules(model)
+    for m in mods:
+        comm = Int8ReduceScatter(block=block, min_numel=min_numel, segments=shard_segments(m))
+        m.set_custom_reduce_scatter(comm)
+    return len(mods)
+
+
+def int8_all_reduce_hook(
+    group: dist.ProcessGroup,
+    *,
+    average: bool = True,
+    block: int = 256,
+    min_numel: int = 0,
+    segments: Sequence[int] | None = None,
+) -> Callable[[torch.Tensor], None]:
+    """A ``FSDPModule.set_all_reduce_hook`` hook that int8-all-reduces the shard over ``group``.
+
+    For custom HSDP: 1-D FSDP over a shard group, ``group`` the replicate group. FSDP runs
+    the hook after the reduce-scatter and before its own post-division, so the defaults
+    compose: FSDP averages over the shard group, ``average=True`` over ``group``, giving the
+    global mean. With ``set_gradient_divide_factor(f)`` FSDP divides by ``f`` alone (the
+    global factor, e.g. 1.0 in torchtitan), so pass ``average=False`` (sum over replicas).
+    Shards with fewer than ``min_numel`` elements are all-reduced in fp32 instead.
+    ``segments`` (:func:`shard_segments` of the module) starts a block at each parameter.
+    """
+    spec = _spec(block)
+    _check_min_numel(min_numel)
+    world = dist.get_world_size(group)
+    layout = _BlockLayout(segments, block)
+
+    def hook(reduce_output: torch.Tensor) -> None:
+        n = reduce_output.numel()
+        if n >= min_numel:
+            padded, index = layout.get(n, reduce_output.device)
+            if index is None:
+                # int8_all_reduce's chunks are whole blocks from element 0: already aligned.
+                int8_all_reduce(reduce_output, group, average=average, spec=spec)
+                return
+            buf = reduce_output.new_zeros(padded)
+            buf[index] = reduce_output.reshape(-1)
+            int8_all_reduce(buf, group, average=average, spec=spec)
+            reduce_output.copy_(buf[index].view(reduce_output.shape))
+            return
+        acc = reduce_output.to(torch.float32)
+        dist.all_reduce(acc, group=group)
+        if average:
+            acc /= world
+        reduce_output.copy_(acc)
+
+    return hook
+
+
+def install_int8_all_reduce_hook(
+    model: nn.Module,
+    group: dist.ProcessGroup,
+    *,
+    average: bool = True,
+    block: int = 256,
+    min_numel: int = 0,
+) -> int:
+    """``set_all_reduce_hook(int8_all_reduce_hook(group, ...))`` on every FSDP2 module in
+    ``model``; returns how many. Raises ValueError for modules with a replicate mesh dim
+    (native HSDP, ``replicate_with_fsdp``): FSDP's own all-reduce runs before the hook."""
+    mods = _fsdp_modules(model)
+    for m in mods:
+        # Private FSDP2 state, read only to refuse a double reduction: with a replicate mesh
+        # dim (native HSDP, replicate_with_fsdp) FSDP all-reduces before running the hook.
+        groups = m._get_fsdp_state()._fsdp_param_groups
+        if any(isinstance(getattr(g, "mesh_info", None), DDPMeshInfo) for g in groups):
+            raise ValueError(
+                "install_int8_all_reduce_hook is for 1-D FSDP plus a separate replicate group; "
+                "this module has a replicate mesh dim (native HSDP or replicate_with_fsdp), "
+                "whose full-precision all-reduce cannot be replaced"
+            )
+    for m in mods:
+        hook = int8_all_reduce_hook(
+            group, average=average, block=block, min_numel=min_numel, segments=shard_segments(m)
+        )
+        m.set_all_reduce_hook(hook)
+    return len(mods)
