@@ -10,6 +10,7 @@ from .gradients import (
     int8_allreduce,
 )
 from .memory import MemoryReport
+from .pipeline import quantize_stage
 from .quant import Packed, QuantSpec, dequantize, quantize
 
 __version__ = "0.1.0"
@@ -31,4 +32,5 @@ __all__ = [
     "int8_allreduce",
     "quantize",
     "quantize_activations",
+    "quantize_stage",
 ]

@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import torch
 from torch.distributed.pipelining import schedules as _tsched
 
 _Action = _tsched._Action
@@ -353,3 +355,55 @@ def stage_bits(
         raise ValueError(f"base_bits={base_bits!r} must be one of allowed={allowed!r}")
     budget = peak * base_bits
     return [max(b for b in allowed if c * b <= budget) for c in counts]
+
+
+def quantize_stage(
+    stage: Any,
+    schedule: object,
+    n_microbatches: int,
+    plan: Any = None,
+    *,
+    stage_aware: bool = True,
+) -> Any:
+    """Store a pipeline stage's activations as ``plan`` says, with this rank's stage bits.
+
+    ``stage`` is a ``torch.distributed.pipelining.PipelineStage`` (its rank, the number of
+    ranks and of chunks per rank are read from it) or a plain module (then ``stage_aware``
+    must be False). Every forward of the stage's module runs inside
+    :func:`agoq.quantize_activations` with ``plan.for_stage(...)`` (DBCA-PP: ranks holding
+    fewer in-flight micro-batches get more bits). Backward needs nothing: unpack is
+    idempotent, so split backward (zero-bubble I/W passes) works. Returns the activation
+    context, whose ``report`` accumulates over the stage's forwards.
+    """
+    from .activations import ActivationPlan, quantize_activations
+
+    plan = plan if plan is not None else ActivationPlan.agoq()
+    module = getattr(stage, "submod", stage)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            f"quantize_stage expects a PipelineStage or a module, got {type(stage).__name__}"
+        )
+    if stage_aware:
+        if not hasattr(stage, "group_rank"):
+            raise TypeError(
+                "stage-aware bits need a PipelineStage (for its rank); pass stage_aware=False"
+            )
+        ranks = stage.group_size
+        plan = plan.for_stage(
+            stage.group_rank,
+            ranks,
+            schedule,
+            n_microbatches=n_microbatches,
+            stages_per_rank=max(1, stage.num_stages // ranks),
+        )
+    ctx = quantize_activations(plan)
+
+    def enter(_module: torch.nn.Module, _args: Any) -> None:
+        ctx.__enter__()
+
+    def leave(_module: torch.nn.Module, _args: Any, _output: Any) -> None:
+        ctx.__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+    return ctx
