@@ -300,3 +300,20 @@ def test_bad_inputs():
 def test_public_api_exports():
     assert agoq.quantize_activations is quantize_activations
     assert isinstance(agoq.ActivationPlan.agoq(), ActivationPlan)
+
+
+def test_live_and_peak_bytes_follow_the_graph():
+    m, t = _model(), _tokens()
+    with quantize_activations(small_plan()) as ctx:
+        l1 = _loss(m, t)
+        one = ctx.report.live_bytes
+        l2 = _loss(m, t)
+    assert one > 0 and ctx.report.live_bytes == 2 * one == ctx.report.peak_bytes
+    l1.backward()
+    del l1
+    gc.collect()
+    assert ctx.report.live_bytes == one
+    l2.backward()
+    del l2
+    gc.collect()
+    assert ctx.report.live_bytes == 0 and ctx.report.peak_bytes == 2 * one

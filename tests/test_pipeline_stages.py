@@ -10,25 +10,6 @@ from dist_utils import run_ranks
 VOCAB, DIM, LAYERS, MB, SEQ = 128, 64, 4, 4, 32
 
 
-class StagePart(torch.nn.Module):
-    """A slice of the reference LLaMA: [embedding] + layers [+ norm + head]."""
-
-    def __init__(self, full, layer_ids, first, last):
-        super().__init__()
-        self.tok_embeddings = full.tok_embeddings if first else None
-        self.layers = torch.nn.ModuleDict({str(i): full.layers[str(i)] for i in layer_ids})
-        self.norm = full.norm if last else None
-        self.output = full.output if last else None
-        self.register_buffer("rope_cos", full.rope_cos[:SEQ].clone(), persistent=False)
-        self.register_buffer("rope_sin", full.rope_sin[:SEQ].clone(), persistent=False)
-
-    def forward(self, x):
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
-        return self.output(self.norm(h)) if self.output is not None else h
-
-
 def _loss(logits, target):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
 
@@ -70,6 +51,7 @@ def _pipeline_rank(rank, world, schedule_name, plan_name):
     from torch.distributed.pipelining import schedules as S
 
     import agoq
+    from agoq.models.llama import LlamaStage
     from agoq.pipeline import quantize_stage
 
     cls = {
@@ -81,7 +63,6 @@ def _pipeline_rank(rank, world, schedule_name, plan_name):
     }[schedule_name]
     multi = issubclass(cls, S.PipelineScheduleMulti)
     n_stages = 2 * world if multi else world
-    per = LAYERS // n_stages
     if cls is S.ScheduleZBVZeroBubble:  # V shape: rank r holds stages r and 2W-1-r
         stage_ids = [rank, n_stages - 1 - rank]
     else:
@@ -89,7 +70,7 @@ def _pipeline_rank(rank, world, schedule_name, plan_name):
     full = _full_model()
     stages, ctxs = [], []
     for sid in stage_ids:
-        part = StagePart(full, range(sid * per, (sid + 1) * per), sid == 0, sid == n_stages - 1)
+        part = LlamaStage(full, sid, n_stages)
         stage = PipelineStage(part, sid, n_stages, torch.device("cpu"), group=dist.group.WORLD)
         if plan_name != "none":
             base = agoq.ActivationPlan.agoq(min_numel=0)
@@ -108,11 +89,13 @@ def _pipeline_rank(rank, world, schedule_name, plan_name):
             grads[n] = p.grad.clone() if p.grad is not None else None
     bits = [sorted({a.bits for a in c.plan.kinds.values() if hasattr(a, "bits")}) for c in ctxs]
     stored = sum(c.report.stored_bytes for c in ctxs)
+    peak = sum(c.report.peak_bytes for c in ctxs)
     return {
         "loss": (sum(float(v.detach()) for v in losses) / len(losses)) if losses else None,
         "grads": grads,
         "bits": bits,
         "stored": stored,
+        "peak": peak,
     }
 
 

@@ -42,9 +42,23 @@ class MemoryReport:
     ``saves`` counts pack calls; ``tensors``/bytes count each distinct tensor once (a tensor
     saved by three GEMMs costs its bytes once, as it does without agoq). Modes: ``quantized``,
     ``kept``, ``recomputed`` (0 bytes), ``dedup`` (a repeat save of a stored tensor).
+    ``live_bytes`` / ``peak_bytes``: bytes held right now / at most at once, counted from
+    each stored tensor's creation until autograd frees it (e.g. a pipeline stage's peak
+    over a schedule with several micro-batches in flight).
     """
 
     rows: dict[tuple[str, str], Row] = field(default_factory=dict)
+    live_bytes: int = 0
+    peak_bytes: int = 0
+
+    def hold(self, nbytes: int) -> None:
+        """Account ``nbytes`` now held for backward (see :meth:`release`)."""
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def release(self, nbytes: int) -> None:
+        """The storage of an earlier :meth:`hold` was freed (autograd dropped it)."""
+        self.live_bytes -= nbytes
 
     def record(
         self, fqn: str, kind: str, mode: str, elements: int, original: int, stored: int
@@ -60,8 +74,9 @@ class MemoryReport:
             row.stored_bytes += stored
 
     def clear(self) -> None:
-        """Forget everything recorded so far."""
+        """Forget everything recorded so far (the live count keeps running)."""
         self.rows.clear()
+        self.peak_bytes = self.live_bytes
 
     def total(self, prefix: str = "") -> Row:
         """Sum over FQNs starting with ``prefix``."""

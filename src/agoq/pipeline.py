@@ -364,6 +364,7 @@ def quantize_stage(
     plan: Any = None,
     *,
     stage_aware: bool = True,
+    context: Any = None,
 ) -> Any:
     """Store a pipeline stage's activations as ``plan`` says, with this rank's stage bits.
 
@@ -373,7 +374,8 @@ def quantize_stage(
     :func:`agoq.quantize_activations` with ``plan.for_stage(...)`` (DBCA-PP: ranks holding
     fewer in-flight micro-batches get more bits). Backward needs nothing: unpack is
     idempotent, so split backward (zero-bubble I/W passes) works. Returns the activation
-    context, whose ``report`` accumulates over the stage's forwards.
+    context, whose ``report`` accumulates over the stage's forwards; pass it as ``context``
+    for a rank's other stages (interleaved schedules) so one report covers the rank.
     """
     from .activations import ActivationPlan, quantize_activations
 
@@ -396,7 +398,9 @@ def quantize_stage(
             n_microbatches=n_microbatches,
             stages_per_rank=max(1, stage.num_stages // ranks),
         )
-    ctx = quantize_activations(plan)
+    ctx = context if context is not None else quantize_activations(plan)
+    if ctx.plan != plan:
+        raise ValueError("quantize_stage: the shared context was built for another plan")
 
     def enter(_module: torch.nn.Module, _args: Any) -> None:
         ctx.__enter__()

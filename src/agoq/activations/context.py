@@ -34,7 +34,7 @@ from .recompute import RecipeMode, Recipes
 class _Handle:
     """Something unpack can turn back into a tensor (any number of times)."""
 
-    __slots__ = ("_last",)
+    __slots__ = ("_last", "__weakref__")
 
     def __init__(self) -> None:
         self._last: weakref.ref | None = None
@@ -299,8 +299,7 @@ class ActivationContext:
             return handle if key is t else _View(handle, t, key)
 
         if t.numel() < plan.min_numel or action == "keep":
-            self._remember(key, None)
-            self.report.record(fqn, kind, "kept", key.numel(), _nbytes(key), _nbytes(key))
+            self._keep(key, fqn, kind)
             return t
         handle = self._recipe_handle(key) if plan.recompute else None
         if handle is not None:
@@ -308,14 +307,24 @@ class ActivationContext:
         else:
             spec = action if isinstance(action, QuantSpec) else plan.fallback
             if not isinstance(spec, QuantSpec):
-                self._remember(key, None)
-                self.report.record(fqn, kind, "kept", key.numel(), _nbytes(key), _nbytes(key))
+                self._keep(key, fqn, kind)
                 return t
             packed = quantize(key, spec)
             handle, mode, stored = _Quantized(packed), "quantized", packed.nbytes
         self._remember(key, handle)
         self.report.record(fqn, kind, mode, key.numel(), _nbytes(key), stored)
+        self._hold(handle, stored)
         return handle if key is t else _View(handle, t, key)
+
+    def _keep(self, key: torch.Tensor, fqn: str, kind: str) -> None:
+        self._remember(key, None)
+        self.report.record(fqn, kind, "kept", key.numel(), _nbytes(key), _nbytes(key))
+        self._hold(key, _nbytes(key))
+
+    def _hold(self, owner: object, nbytes: int) -> None:
+        if nbytes:
+            self.report.hold(nbytes)
+            weakref.finalize(owner, self.report.release, nbytes)
 
 
 _MODULE_HOOKS: list = []

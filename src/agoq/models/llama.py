@@ -189,3 +189,39 @@ def build(name_or_cfg: str | LlamaConfig = "small", **overrides: int | float) ->
     if overrides:
         cfg = LlamaConfig(**{**cfg.__dict__, **overrides})
     return Llama(cfg)
+
+
+class LlamaStage(nn.Module):
+    """Pipeline stage ``index`` of ``num_stages``: a contiguous slice of ``model``'s layers,
+    with the embedding on the first stage and the final norm and head on the last.
+
+    Input: token ids on the first stage, hidden states elsewhere. Shares ``model``'s modules.
+    """
+
+    def __init__(self, model: Llama, index: int, num_stages: int) -> None:
+        super().__init__()
+        n = model.cfg.n_layers
+        if not 0 <= index < num_stages or n % num_stages:
+            raise ValueError(
+                f"LlamaStage: {n} layers cannot be split into {num_stages} equal stages "
+                f"(or index {index} out of range)"
+            )
+        per = n // num_stages
+        first, last = index == 0, index == num_stages - 1
+        self.tok_embeddings = model.tok_embeddings if first else None
+        self.layers = nn.ModuleDict(
+            {str(i): model.layers[str(i)] for i in range(index * per, (index + 1) * per)}
+        )
+        self.norm = model.norm if last else None
+        self.output = model.output if last else None
+        self.register_buffer("rope_cos", model.rope_cos.clone(), persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids or hidden states in, hidden states or logits out."""
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        t = h.shape[1]
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h)) if self.output is not None else h
