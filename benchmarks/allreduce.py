@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
-import os
-import queue as queue_mod
-import socket
 import statistics
 import time
 
@@ -38,6 +34,7 @@ from _report import machine, median_seconds, table, today, write_section
 from agoq import QuantSpec
 from agoq.gradients.allreduce import DEFAULT_SPEC, int8_all_reduce, relative_rms, wire_bytes
 from agoq.gradients.storage import Int8GradStore
+from agoq.spawn import run_ranks
 
 WIRE_GOAL_FP32, WIRE_GOAL_BF16, RMS_GOAL = 0.26, 0.51, 0.01
 KS = (1, 4, 16, 64)
@@ -97,64 +94,18 @@ def _measure(rank: int, world: int, numel: int, specs: dict[str, QuantSpec], rep
     return {"numel": numel, "err": err, "time": {k: statistics.median(v) for k, v in times.items()}}
 
 
-def _collective_worker(
-    rank: int, world: int, port: int, sizes: list[int], specs: dict[str, QuantSpec], reps, out
-) -> None:
-    import datetime
-
+def _collective_rank(
+    rank: int, world: int, sizes: list[int], specs: dict[str, QuantSpec], reps: int
+) -> list[dict]:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
-        )
-        results = [_measure(rank, world, numel, specs, reps) for numel in sizes]
-        out.put((rank, "ok", results))
-    except BaseException as e:  # report every failure to the parent
-        import traceback
-
-        out.put((rank, "error", f"{e!r}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [_measure(rank, world, numel, specs, reps) for numel in sizes]
 
 
 def run_collectives(
     world: int, sizes: list[int], specs: dict[str, QuantSpec], reps: int, timeout: float = 600
 ) -> list[dict]:
     """Spawn ``world`` gloo ranks; rank 0's results (errors) with the max-over-ranks times."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_collective_worker, args=(r, world, port, sizes, specs, reps, out))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    got: dict[int, list[dict]] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(got) < world:
-            try:
-                rank, status, payload = out.get(timeout=max(1.0, deadline - time.monotonic()))
-            except queue_mod.Empty as e:
-                raise RuntimeError(f"world {world}: ranks did not finish in {timeout}s") from e
-            if status != "ok":
-                raise RuntimeError(f"world {world}, rank {rank} failed:\n{payload}")
-            got[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return got[0]
+    return run_ranks(_collective_rank, world, sizes, specs, reps, timeout=timeout)[0]
 
 
 def _spec_name(spec: QuantSpec) -> str:
