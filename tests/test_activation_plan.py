@@ -89,6 +89,15 @@ def test_agoq_preset_matches_the_paper():
     assert set(p.describe().split("\n")[0].split()[:1]) <= set(KINDS)
 
 
+def test_agoq_norm_spec_changes_only_the_residual_stream():
+    fine = QuantSpec(bits=4, format="fp4_e2m1", block=32, scale_dtype=torch.bfloat16)
+    paper, plan = ActivationPlan.agoq(), ActivationPlan.agoq(norm_spec=fine)
+    assert plan.action("norm_input") == plan.action("embedding_output") == fine
+    changed = {k for k in KINDS if plan.action(k) != paper.action(k)}
+    assert changed == {"norm_input", "embedding_output"}
+    assert fine.bits_per_element == 4.5  # vs 4.25 for the paper's block 128 / fp32 scales
+
+
 def test_from_dict_full_and_errors():
     plan = ActivationPlan.from_dict(
         {
