@@ -4,14 +4,10 @@ CUDA build onto CPU machines."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nox
 
 nox.options.default_venv_backend = "none"
 nox.options.sessions = ["lint", "tests"]
-
-BENCHMARKS = sorted(str(p) for p in Path("benchmarks").glob("[a-z]*.py"))
 
 
 @nox.session
@@ -29,6 +25,6 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Every benchmark; each rewrites its section of docs/benchmarks.md."""
-    for script in BENCHMARKS:
-        session.run("python", script, *session.posargs)
+    """The benchmarks via `agoq bench` (each rewrites its section of docs/benchmarks.md);
+    the long convergence study only with `nox -s bench -- --all`."""
+    session.run("agoq", "bench", *session.posargs)
