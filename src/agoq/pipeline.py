@@ -22,7 +22,13 @@ from torch.distributed.pipelining import schedules as _tsched
 
 _Action = _tsched._Action
 
-__all__ = ["inflight_microbatches", "rank_actions", "stage_bits", "supported_schedules"]
+__all__ = [
+    "inflight_microbatches",
+    "quantize_stage",
+    "rank_actions",
+    "stage_bits",
+    "supported_schedules",
+]
 
 # Class names looked up with getattr so that a torch build lacking one of them (older
 # releases have no ScheduleDualPipeV, for instance) still imports this module.
