@@ -26,5 +26,6 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """The benchmarks via `agoq bench` (each rewrites its section of docs/benchmarks.md);
-    the long convergence study only with `nox -s bench -- --all`."""
+    the long convergence study only with `nox -s bench -- --all`; arguments for the scripts
+    themselves after a second `--`, e.g. `nox -s bench -- --only codec -- --no-write`."""
     session.run("agoq", "bench", *session.posargs)

@@ -2,7 +2,7 @@
 
     python benchmarks/convergence.py [--steps 300] [--seeds 0 1 2] [--model small]
 
-Four configurations x several seeds, each trained from scratch by :func:`agoq.train.train`
+Five configurations x several seeds, each trained from scratch by :func:`agoq.train.train`
 on the shipped corpus (docstrings of Python's stdlib, bytes) with the same data order and
 the same initial weights for a given seed:
 
@@ -11,7 +11,9 @@ the same initial weights for a given seed:
 * ``agoq + int8 grads``: the same plan on 2 gloo ranks (DDP) averaging gradients with the
   int8 all-reduce hook (:func:`agoq.int8_allreduce`), each rank half of the global batch;
 * ``uniform 4-bit``: every saved activation in 4-bit fp4, attention internals included
-  (:meth:`ActivationPlan.uniform`, the paper's ablation).
+  (:meth:`ActivationPlan.uniform`, the paper's ablation);
+* ``agoq, norm inputs block 32``: the agoq plan with the norm inputs (the residual stream)
+  in fp4 blocks of 32 with bf16 scales (beyond the paper).
 
 Reports the held-out loss at the end and the mean training loss over the last 20 steps, as
 mean, std and min-max over seeds, the relative difference to the baseline, and whether the
@@ -54,6 +56,8 @@ def run_all(args: argparse.Namespace) -> dict:
     names = args.configs or list(CONFIGS)
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     if args.configs:  # add these configs to an earlier run with the same settings
+        if not Path(args.raw).is_file():
+            sys.exit(f"--configs adds to earlier results, but {args.raw} does not exist")
         earlier = json.loads(Path(args.raw).read_text())
         same = ("steps", "seeds", "model", "batch", "seq", "lr")
         if any(earlier["args"][k] != vars(args)[k] for k in same):
@@ -325,7 +329,11 @@ def write_doc(raw: dict, summary: dict, command: str) -> str:
         "(`wire_bytes` of each bucket, per rank).\n"
         "- **uniform 4-bit**: `ActivationPlan.uniform(fp4 E2M1, block 128)`: every saved "
         "activation in 4 bits, attention internals (q, k, v, output, logsumexp) included, "
-        "nothing recomputed (the paper's ablation).\n",
+        "nothing recomputed (the paper's ablation).\n"
+        "- **agoq, norm inputs block 32** (beyond the paper; added after the first four were "
+        "run, same seeds and settings): `ActivationPlan.agoq(norm_spec=...)`, the agoq plan "
+        "with the norm inputs (residual stream) in fp4 blocks of 32 with bf16 scales, 4.5 "
+        "instead of 4.25 bits per element.\n",
         f"Final losses: **held-out** = mean loss on {cfg['eval_batches']} fixed held-out "
         f"batches after the last step (same batches for every run); **train** = mean "
         f"training loss over the last {TAIL} steps. Mean ± std (sample std) and min – max "

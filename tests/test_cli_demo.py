@@ -51,9 +51,13 @@ def test_demo_without_matplotlib_still_prints_and_writes_json(tmp_path, capsys, 
 
 def test_demo_bad_option_is_a_clear_error(tmp_path, capsys):
     assert main(["demo", "--steps", "0", "--out", str(tmp_path)]) == 2
-    assert "steps must be an integer >= 1" in " ".join(capsys.readouterr().out.split())
+    assert "steps must be an integer >= 1" in " ".join(capsys.readouterr().err.split())
     assert main(["demo", "--batch", "3", "--world-size", "2", "--out", str(tmp_path)]) == 2
-    assert "divisible by world_size" in " ".join(capsys.readouterr().out.split())
+    assert "divisible by world_size" in " ".join(capsys.readouterr().err.split())
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    assert main(["demo", "--steps", "1", "--model", "tiny", "--out", str(afile)]) == 2
+    assert "cannot use --out" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(SystemExit):  # argparse rejects a plan it does not know
         main(["demo", "--plan", "fp4"])
 

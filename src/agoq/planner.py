@@ -27,8 +27,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.pipelining import schedules as _tsched
+
 from .gradients.allreduce import DEFAULT_SPEC as GRAD_SPEC
-from .pipeline import inflight_microbatches, stage_bits
+from .pipeline import _peak_inflight, _resolve_schedule, rank_actions, stage_bits
 from .quant import QuantSpec
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "Layout",
     "MemoryPrediction",
     "ModelShape",
+    "Pipeline",
     "Setup",
     "layer_units",
     "predict",
@@ -91,6 +94,18 @@ class ModelShape:
         h, kv = self.hidden, self.hidden * self.kv_heads // self.heads
         return 2 * h * h + 2 * h * kv + 3 * h * self.ffn + 2 * h
 
+    def layer_params_per_rank(self, tp: int) -> float:
+        """One layer's parameters on each of ``tp`` tensor-parallel ranks. K/V projections
+        are replicated when there are fewer K/V heads than ranks (one head per rank)."""
+        if self.heads % tp or (self.kv_heads % tp and tp % self.kv_heads):
+            raise ValueError(
+                f"tp={tp} must divide heads={self.heads}, and divide or be a multiple of "
+                f"kv_heads={self.kv_heads}"
+            )
+        kv = 2 * self.hidden * (self.hidden // self.heads) * self.kv_heads
+        kv_per_rank = kv / tp if self.kv_heads % tp == 0 else kv / self.kv_heads
+        return (self.layer_params - kv) / tp + kv_per_rank
+
     @property
     def embedding_params(self) -> int:
         """Parameters of the token embedding (the LM head has as many unless tied)."""
@@ -107,8 +122,18 @@ class ModelShape:
         """A shape from a JSON object (inline or a file): our field names, or a Hugging Face
         ``config.json`` (hidden_size, num_hidden_layers, num_attention_heads,
         num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings)."""
-        path = Path(text_or_path)
-        text = path.read_text() if not text_or_path.lstrip().startswith("{") else text_or_path
+        inline = text_or_path.lstrip().startswith("{")
+        name = "custom"
+        if inline:
+            text = text_or_path
+        else:
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise ValueError(
+                    f"unknown model {text_or_path!r}: not a preset ({', '.join(MODELS)}), "
+                    "an inline JSON object or a JSON file"
+                )
+            text, name = path.read_text(), path.stem
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
@@ -132,7 +157,7 @@ class ModelShape:
                 out[hf[key]] = value
             elif key in fields_:
                 out[key] = value
-        out.setdefault("name", raw.get("_name_or_path", path.stem if path.exists() else "custom"))
+        out.setdefault("name", raw.get("_name_or_path", name))
         if "heads" in out:
             out.setdefault("kv_heads", out["heads"])
         missing = {"hidden", "layers", "heads", "ffn", "vocab"} - out.keys()
@@ -178,6 +203,17 @@ class Accounting:
     # are already freed.
     step_grad_bytes: float = 4.0
 
+    def __post_init__(self) -> None:
+        for key in self.__dataclass_fields__:
+            value = getattr(self, key)
+            if key == "expand_kv":
+                if not isinstance(value, bool):
+                    raise ValueError(f"Accounting.expand_kv must be true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"Accounting.{key} must be a number >= 0, got {value!r}")
+        if self.norm_bits <= 0:
+            raise ValueError(f"Accounting.norm_bits must be > 0, got {self.norm_bits!r}")
+
     def attention_units(self, shape: ModelShape) -> float:
         """U of attention internals per layer (kept in bf16 by every method)."""
         kv = 1.0 if self.expand_kv else shape.kv_ratio
@@ -213,7 +249,9 @@ def layer_units(
         row = (1, attn, 1, 2 * half, half, acc.swiglu_saves * r * half, r * half)
     else:
         q = bits / 16
-        row = (0, attn, q, 2 * q, 0, 2 * r * q, 0)
+        # bits >= 16: the stage keeps those tensors as the framework stores them.
+        norm = 2 * acc.norm_bits / 16 if bits >= 16 else 2 * q
+        row = (0, attn, q, norm, 0, 2 * r * q, 0)
     return dict(zip(COLUMNS, (float(v) for v in row), strict=True))
 
 
@@ -228,7 +266,7 @@ class Layout:
     dp: int = 1
     schedule: str = "1f1b"
     n_microbatches: int | None = None  # per data-parallel rank; default 2 * pp
-    stages_per_rank: int | None = None  # default 2 for interleaved / V schedules, else 1
+    stages_per_rank: int | None = None  # default 2 for multi-stage schedules, else 1
     sequence_parallel: bool | None = None  # default: on whenever tp > 1
     zero1: bool = False  # optimizer states sharded over dp (Megatron's distributed optimizer)
 
@@ -242,13 +280,13 @@ class Layout:
 
     @property
     def chunks(self) -> int:
-        """Model chunks per pipeline rank."""
+        """Model chunks per pipeline rank (1 without pipeline parallelism)."""
+        if self.pp == 1:
+            return 1
         if self.stages_per_rank is not None:
             return self.stages_per_rank
-        name = self.schedule.lower().replace("_", "").replace("-", "")
-        return (
-            2 if self.pp > 1 and any(k in name for k in ("interleaved", "zbv", "dualpipe")) else 1
-        )
+        multi = issubclass(_resolve_schedule(self.schedule), _tsched.PipelineScheduleMulti)
+        return 2 if multi else 1
 
     @property
     def sp(self) -> bool:
@@ -257,10 +295,36 @@ class Layout:
 
     def inflight(self) -> list[int]:
         """Peak micro-batch activation sets (of one chunk) each pipeline rank holds."""
+        return self.pipeline().inflight
+
+    def pipeline(self) -> Pipeline:
+        """Which stages each rank runs and how many micro-batches it holds at its peak, read
+        from the schedule torch would run."""
         if self.pp == 1:
-            return [1]  # gradient accumulation holds one micro-batch at a time
+            # Gradient accumulation holds one micro-batch at a time.
+            return Pipeline(stages=[[0]], inflight=[1], last_stage_inflight=1)
         n_mb = self.n_microbatches or 2 * self.pp
-        return inflight_microbatches(self.schedule, self.pp, n_mb, stages_per_rank=self.chunks)
+        orders = rank_actions(self.schedule, self.pp, n_mb, stages_per_rank=self.chunks)
+        last = self.pp * self.chunks - 1
+        last_rank = next(
+            r for r, acts in orders.items() if any(a.stage_index == last for a in acts)
+        )
+        return Pipeline(
+            stages=[sorted({a.stage_index for a in orders[r]}) for r in range(self.pp)],
+            inflight=[_peak_inflight(orders[r]) for r in range(self.pp)],
+            last_stage_inflight=_peak_inflight(
+                a for a in orders[last_rank] if a.stage_index == last
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Stage placement and peak in-flight micro-batches, per pipeline rank."""
+
+    stages: list[list[int]]  # stage indices each rank runs (torch's placement)
+    inflight: list[int]  # peak (stage, micro-batch) activation sets held, per rank
+    last_stage_inflight: int  # micro-batches the loss stage holds at once (their logits)
 
 
 @dataclass(frozen=True)
@@ -311,12 +375,10 @@ class MemoryPrediction:
         return "optimizer step" if self.step_extra > self.activations else "forward/backward"
 
 
-def _rank_layers(layers: int, pp: int, chunks: int) -> list[float]:
-    # Layers spread as evenly as the pipeline allows; leftover layers go to the first ranks.
-    n_chunks = pp * chunks
-    base, extra = divmod(layers, n_chunks)
-    per_chunk = [base + (1 if c < extra else 0) for c in range(n_chunks)]
-    return [float(sum(per_chunk[r::pp])) for r in range(pp)]
+def _stage_layers(layers: int, n_stages: int) -> list[int]:
+    # Layers spread as evenly as the pipeline allows; leftover layers go to the first stages.
+    base, extra = divmod(layers, n_stages)
+    return [base + (1 if c < extra else 0) for c in range(n_stages)]
 
 
 def predict(
@@ -345,9 +407,11 @@ def predict(
         )
     spec = activation_spec or QuantSpec(bits=4, format="fp4_e2m1", block=128)
     overhead = spec.bits_per_element - spec.bits
-    inflight = layout.inflight()
+    pipe = layout.pipeline()
+    inflight = pipe.inflight
     if setup.activations and stage_aware and layout.pp > 1:
-        rank_bits = stage_bits(inflight, base_bits=spec.bits, allowed=(4, 5, 6, 8, 16))
+        allowed = tuple(sorted({spec.bits} | {b for b in (4, 5, 6, 8, 16) if b > spec.bits}))
+        rank_bits = stage_bits(inflight, base_bits=spec.bits, allowed=allowed)
     else:
         rank_bits = [spec.bits] * layout.pp
     eff_bits = [16.0 if b >= 16 else b + overhead for b in rank_bits]
@@ -356,29 +420,40 @@ def predict(
     # Without sequence parallelism the norm inputs and the GEMM inputs that follow a norm
     # are replicated on every TP rank; everything else is split.
     replicated = set() if layout.sp else {"QKV", "RMSNorm", "FFN1"}
+    split = tp if layout.sp else 1
     grad_bytes = GRAD_SPEC.bits_per_element / 8 if setup.grads8 else 4.0
     opt_bytes = acc.adam8_bytes if setup.optim8 else 12.0
     if layout.zero1:
         opt_bytes /= layout.dp
+    layer_params = shape.layer_params_per_rank(tp)
+    per_stage = _stage_layers(shape.layers, layout.pp * layout.chunks)
+    last_stage = len(per_stage) - 1
 
     best: MemoryPrediction | None = None
-    for rank, n_layers in enumerate(_rank_layers(shape.layers, layout.pp, layout.chunks)):
-        first, last = rank == 0, rank == layout.pp - 1
-        params = n_layers * shape.layer_params / tp
+    for rank, stages in enumerate(pipe.stages):
+        first, last = 0 in stages, last_stage in stages
+        n_layers = sum(per_stage[i] for i in stages)
+        params = n_layers * layer_params
         if first:
             params += shape.embedding_params / tp
         if last:
-            params += shape.hidden + (0 if shape.tied_embeddings else shape.embedding_params / tp)
+            # Tied embeddings still need the head's copy when the head is on another rank.
+            head = not shape.tied_embeddings or not first
+            params += shape.hidden + (shape.embedding_params / tp if head else 0)
         method = "agoq" if setup.activations else "baseline"
         units = layer_units(shape, method, eff_bits[rank], acc)
         per_layer = sum(u / (1 if col in replicated else tp) for col, u in units.items())
-        acts = per_layer * u_bytes * n_layers / layout.chunks * inflight[rank]
+        # In-flight counts are of stage chunks; a chunk holds the rank's mean layers per stage.
+        acts = per_layer * u_bytes * n_layers / len(stages) * inflight[rank]
         if last:
-            # Final norm input and LM-head input (recomputed under agoq), then the logits.
-            norm_u = eff_bits[rank] / 16 if setup.activations else acc.norm_bits / 16
+            # Per micro-batch the loss stage holds: the final norm input and the LM-head
+            # input (recomputed under agoq), then the logits of the cross-entropy.
+            kept = not setup.activations or eff_bits[rank] >= 16
+            norm_u = acc.norm_bits / 16 if kept else eff_bits[rank] / 16
             head_u = 0.0 if setup.activations else 1.0
-            acts += (norm_u + head_u) * u_bytes / tp
-            acts += layout.mbs * layout.seq * shape.vocab / tp * acc.logits_bytes
+            per_mb = (norm_u + head_u) * u_bytes / split
+            per_mb += layout.mbs * layout.seq * shape.vocab / tp * acc.logits_bytes
+            acts += per_mb * pipe.last_stage_inflight
         pred = MemoryPrediction(
             setup=setup.name,
             rank=rank,

@@ -254,13 +254,18 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
+    errors = Console(stderr=True)
     try:
         base_cfg, agoq_cfg = _configs(args)
     except ValueError as e:
-        console.print(f"agoq demo: {e}", style="red", markup=False)
+        errors.print(f"agoq demo: {e}", style="red", markup=False)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        errors.print(f"agoq demo: cannot use --out {args.out!r}: {e}", style="red", markup=False)
+        return 2
     console.print(
         f"Training LLaMA '{args.model}' on Python's stdlib docstrings: {args.steps} steps of "
         f"{args.batch} x {args.seq} bytes on {base_cfg.device}"

@@ -196,10 +196,14 @@ def _print(
     for col in COLUMNS:
         per_layer.add_column(col, justify="right")
     per_layer.add_column("total", justify="right", style="bold")
-    names = {"baseline": "baseline", "coat": "COAT-like FP8", "agoq": f"agoq ({bits[0]:g} bit)"}
+    names = {"baseline": "baseline", "coat": "COAT-like FP8", "agoq": f"agoq ({bits[0]:g} bit)*"}
     for m, row in units.items():
         per_layer.add_row(names[m], *(f"{v:g}U" for v in row.values()), f"{sum(row.values()):g}U")
     console.print(per_layer)
+    console.print(
+        "* payload bits, as the paper's Table 1 counts; the memory below adds the block "
+        "scales (e.g. 4.25 bits per element for fp4 in blocks of 128 with fp32 scales)"
+    )
 
     mem = Table(title=f"Predicted peak memory of the busiest GPU ({unit_name})")
     for col in ("setup", "weights", "grads", "optimizer", "activations", "other"):
