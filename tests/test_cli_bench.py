@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,36 @@ def test_finds_the_repository_benchmarks() -> None:
     long = {b.name for b in discover(folder) if b.long}
     assert "codec" not in long
     assert "convergence" in names and "convergence" in long  # the ~25 min study is opt-in
+
+
+def test_a_hung_script_is_stopped_with_its_children(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    pidfile = tmp_path / "child.pid"
+    # The script starts a child that would outlive it, then hangs.
+    _script(
+        folder,
+        "hang",
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n",
+    )
+    _script(folder, "ok", 'print("ok ran")\n')
+    assert main(["bench", "--dir", str(folder), "--timeout", "3"]) == 1
+    out = capfd.readouterr().out
+    assert "timed out after 3 s" in out and "ok ran" in out
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the killed child is reaped by init shortly
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the hung script's child process survived")
+    assert main(["bench", "--dir", str(folder), "--timeout", "nan"]) == 2
+    assert "--timeout must be > 0" in capfd.readouterr().err

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,11 +99,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--list", action="store_true", help="list the benchmarks found and exit without running"
     )
     parser.add_argument(
+        "--timeout",
+        type=float,
+        default=7200.0,
+        metavar="SECONDS",
+        help="stop a script that runs longer than this, and report it failed (default 7200)",
+    )
+    parser.add_argument(
         "script_args",
         nargs="*",
         metavar="-- ARGS",
         help="passed on to every script run (after --), e.g. -- --no-write",
     )
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def find_dir(explicit: Path | None = None) -> Path | None:
@@ -180,6 +197,9 @@ def _print_summary(outcomes: list[Outcome]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``agoq bench``; 0 when every benchmark run succeeded, 1 when any failed,
     2 on a usage error (no benchmarks folder, unknown names), 130 when interrupted."""
+    if not args.timeout > 0:  # also rejects nan
+        print(f"agoq bench: --timeout must be > 0 seconds, got {args.timeout}", file=sys.stderr)
+        return 2
     folder = find_dir(args.dir)
     if folder is None:
         where = (
@@ -229,15 +249,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n=== agoq bench: {b.name} ({' '.join(cmd)}) ===", flush=True)
         sys.stderr.flush()
         t0 = time.perf_counter()
+        # Output is inherited, so it streams as the script writes it. A session of its own,
+        # so that a hung script is stopped together with the ranks it spawned.
+        proc = subprocess.Popen(cmd, cwd=folder.parent, start_new_session=True)
         try:
-            # Output is inherited, so it streams as the script writes it.
-            rc = subprocess.run(cmd, cwd=folder.parent, check=False).returncode
+            rc = proc.wait(timeout=args.timeout)
         except KeyboardInterrupt:
+            _kill(proc)
             outcomes.append(Outcome(b.name, "interrupted", time.perf_counter() - t0, ok=False))
             interrupted = True
             break
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            rc = None
         seconds = time.perf_counter() - t0
-        if rc == 0:
+        if rc is None:
+            outcomes.append(
+                Outcome(b.name, f"FAILED (timed out after {args.timeout:g} s)", seconds, ok=False)
+            )
+        elif rc == 0:
             outcomes.append(Outcome(b.name, "ok", seconds))
         else:
             outcomes.append(Outcome(b.name, f"FAILED (exit {rc})", seconds, ok=False))
