@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,15 @@ TABLE_1 = {
     "agoq": dict(zip(COLUMNS, (0, 5, 0.25, 0.5, 0, 2, 0), strict=True)),
 }
 GB, MB = 1e9, 1e6  # the paper prints GB and MB
+# The fields of LLaMA3-8B's Hugging Face config.json that the planner reads.
+LLAMA3_8B_HF = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+}
 
 
 @pytest.mark.parametrize("method", sorted(TABLE_1))
@@ -148,15 +158,7 @@ def test_table_14_llama3_8b_long_sequences(
 
 
 def test_model_from_hf_config_json(tmp_path) -> None:
-    cfg = {
-        "hidden_size": 4096,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "intermediate_size": 14336,
-        "vocab_size": 128256,
-        "tie_word_embeddings": False,
-    }
+    cfg = {**LLAMA3_8B_HF, "tie_word_embeddings": False}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     shape = ModelShape.from_json(str(path))
@@ -258,23 +260,45 @@ def test_kept_stage_and_odd_bits() -> None:
 def test_model_names_and_inline_json_are_told_apart() -> None:
     with pytest.raises(ValueError, match="unknown model 'llama3-8B'"):
         ModelShape.from_json("llama3-8B")
-    cfg = {
-        "hidden_size": 4096,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "intermediate_size": 14336,
-        "vocab_size": 128256,
-        "architectures": ["LlamaForCausalLM"] * 20,  # longer than a file name may be
-    }
+    cfg = {**LLAMA3_8B_HF, "architectures": ["LlamaForCausalLM"] * 20}  # a long inline text
     text = json.dumps(cfg)
     assert len(text) > 300
     assert ModelShape.from_json(text).params == MODELS["llama3-8b"].params
 
 
 @pytest.mark.parametrize(
-    "overrides", [{"norm_bits": True}, {"overhead_gib": -5.0}, {"expand_kv": 1.0}]
+    "overrides",
+    [
+        {"norm_bits": True},
+        {"overhead_gib": -5.0},
+        {"expand_kv": 1.0},
+        {"logits_bytes": float("nan")},
+        {"adam8_bytes": float("inf")},
+    ],
 )
 def test_accounting_rejects_nonsense(overrides) -> None:
     with pytest.raises(ValueError, match="Accounting"):
         Accounting(**overrides)
+
+
+def test_docs_planner_table_is_what_the_planner_computes() -> None:
+    """docs/planner.md's check against the paper was pasted from the planner: keep it true."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "planner.md").read_text()
+    rows = [r for r in doc.splitlines() if r.startswith("| Table ")]
+    assert len(rows) == 8
+    layouts = {
+        "Table 8,": (MODELS["llama2-13b"], Layout(seq=12 * 1024, tp=8), GB, 2**30),
+        "(36 layers)": (replace(MODELS["llama3-8b"], layers=36), TABLE_14[0][1], MB, 2**20),
+        "(16 layers)": (replace(MODELS["llama3-8b"], layers=16), TABLE_14[1][1], MB, 2**20),
+    }
+    for row in rows:
+        what, setup, paper, planned, err_dec, err_bin = (
+            c.strip() for c in row.strip("|").split("|")
+        )
+        shape, layout, unit, binary = next(v for k, v in layouts.items() if k in what)
+        total = predict(shape, layout, setup).total
+        ref = float(paper.split()[0].replace(",", ""))
+        shown = f"{total / unit:.2f} GB" if unit == GB else f"{total / unit:,.0f} MB"
+        assert planned == shown
+        assert err_dec == f"{total / unit / ref - 1:+.1%}"
+        assert err_bin == f"{total / binary / ref - 1:+.1%}"

@@ -22,6 +22,7 @@ say so. docs/planner.md checks the predictions against the paper's measured Tabl
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -209,8 +210,13 @@ class Accounting:
             if key == "expand_kv":
                 if not isinstance(value, bool):
                     raise ValueError(f"Accounting.expand_kv must be true or false, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"Accounting.{key} must be a number >= 0, got {value!r}")
+            elif (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"Accounting.{key} must be a finite number >= 0, got {value!r}")
         if self.norm_bits <= 0:
             raise ValueError(f"Accounting.norm_bits must be > 0, got {self.norm_bits!r}")
 
