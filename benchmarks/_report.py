@@ -16,7 +16,7 @@ import torch
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
 
-Every figure here is written by a script in `benchmarks/` (run them all with `nox -s bench`),
+Every figure here is written by a script in `benchmarks/` (run them all with `agoq bench` or `nox -s bench`),
 measured side by side with its baseline in the same run. Sections are replaced in place when
 their script runs again; a section names its date, machine and command.
 """

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from _report import machine, table, today
-from agoq.train import TrainConfig, train
+from agoq.train import TrainConfig, next_token_loss, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC, PNG = ROOT / "docs" / "results.md", ROOT / "docs" / "results.png"
@@ -101,7 +101,6 @@ def gradient_errors(args: argparse.Namespace, warm_steps: int = 40) -> dict[str,
     import dataclasses
 
     import torch
-    import torch.nn.functional as F
 
     import agoq
     from agoq.data import VOCAB_SIZE, sample, split, text_tokens
@@ -113,8 +112,7 @@ def gradient_errors(args: argparse.Namespace, warm_steps: int = 40) -> dict[str,
     gen = torch.Generator().manual_seed(0)
 
     def loss_of(tokens: torch.Tensor) -> torch.Tensor:
-        logits = model(tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), tokens[:, 1:].reshape(-1))
+        return next_token_loss(model, tokens)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
     for _ in range(warm_steps):
