@@ -90,13 +90,17 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
         p.join(timeout=5)
         if p.is_alive():
             p.kill()
+    reported = {int(e.split(":", 1)[0].removeprefix("rank ")) for e in errors}
+    silent = sorted(set(range(world)) - set(results) - reported)
+    if silent:
+        codes = [p.exitcode for p in procs]
+        if time.monotonic() < deadline:  # they died without reporting, e.g. killed
+            errors.insert(0, f"ranks {silent} exited without a result (exit codes {codes})")
+        else:
+            errors.insert(
+                0, f"ranks {silent} did not finish within {timeout}s (exit codes {codes})"
+            )
     if errors:
         raise AssertionError("\n".join(errors))
-    if len(results) < world:
-        missing = sorted(set(range(world)) - set(results))
-        codes = [p.exitcode for p in procs]
-        raise AssertionError(
-            f"ranks {missing} did not finish within {timeout}s (exit codes {codes})"
-        )
     sys.stdout.flush()
     return [results[r] for r in range(world)]
