@@ -9,6 +9,7 @@ from .gradients import (
     int8_all_reduce,
     int8_allreduce,
 )
+from .guard import NumericsError, NumericsGuard
 from .memory import MemoryReport
 from .pipeline import quantize_stage
 from .quant import Packed, QuantSpec, dequantize, quantize
@@ -23,6 +24,8 @@ __all__ = [
     "Int8ReduceScatter",
     "KindRule",
     "MemoryReport",
+    "NumericsError",
+    "NumericsGuard",
     "Packed",
     "QuantSpec",
     "__version__",
