@@ -30,7 +30,9 @@ Backend = Literal["auto", "torch", "triton"]
 # temporaries stay cache-sized and a huge activation never needs 3x its size in scratch.
 _SLAB_ELEMENTS = 1 << 18
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# float64 is refused, not squeezed through the fp32 codec (1e-50 would come back 0, 1e300
+# NaN): the activation context keeps float64 tensors as they are.
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,15 +71,30 @@ class Packed:
         """Device the payload lives on."""
         return self.payload.device
 
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first field inconsistent with the
+        spec: payload dtype and exact byte count, scale dtype and count, shape/stride, device.
+
+        Metadata only (no data pass, no host sync). Under ``torch.compile`` with symbolic
+        sizes, the size checks become run-time asserts of the graph (``torch._check``).
+        """
+        _validate_packed(self)
+
 
 def check_quantizable(x: torch.Tensor) -> None:
     """Raise a clear error for inputs the codec cannot take."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"agoq.quantize expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.float64:
+        raise TypeError(
+            "agoq.quantize does not take float64 tensors (got dtype torch.float64): the codec "
+            "computes in fp32, which would flush tiny values to 0 and overflow huge ones; "
+            "cast to float32 first or keep the tensor unquantized"
+        )
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"agoq.quantize only takes real floating tensors (float32, float16, bfloat16, "
-            f"float64); got dtype {x.dtype}"
+            f"agoq.quantize only takes real floating tensors (float32, float16, bfloat16); "
+            f"got dtype {x.dtype}"
         )
     if x.device.type == "meta":
         raise ValueError(
@@ -86,19 +103,98 @@ def check_quantizable(x: torch.Tensor) -> None:
         )
 
 
+def _bad(field: str, msg: str) -> ValueError:
+    return ValueError(f"agoq.dequantize: Packed.{field} {msg}")
+
+
+def _require(ok: bool | torch.SymBool, error: ValueError) -> None:
+    """Raise ``error`` unless ``ok``; a symbolic condition (under compile) is asserted at
+    run time by the graph instead of being decided (and guarded on) while tracing."""
+    if isinstance(ok, bool):
+        if not ok:
+            raise error
+    else:
+        torch._check(ok, lambda: str(error))
+
+
+def _validate_packed(p: Packed) -> None:
+    if not isinstance(p.spec, QuantSpec):
+        raise TypeError(f"agoq.dequantize: Packed.spec must be a QuantSpec, got {p.spec!r}")
+    for name in ("payload", "scales"):
+        if not isinstance(getattr(p, name), torch.Tensor):
+            raise TypeError(
+                f"agoq.dequantize: Packed.{name} must be a tensor, got "
+                f"{type(getattr(p, name)).__name__}"
+            )
+    if p.dtype not in _FLOAT_DTYPES:
+        raise _bad("dtype", f"must be one of {list(_FLOAT_DTYPES)}, got {p.dtype!r}")
+    if not isinstance(p.memory_order, bool):
+        raise _bad("memory_order", f"must be a bool, got {p.memory_order!r}")
+    payload, scales, spec = p.payload, p.scales, p.spec
+    if payload.dtype != torch.uint8:
+        raise _bad("payload", f"must be uint8, got {payload.dtype}")
+    if scales.dtype != spec.scale_dtype:
+        raise _bad(
+            "scales", f"dtype {scales.dtype} does not match spec.scale_dtype {spec.scale_dtype}"
+        )
+    if payload.device != scales.device:
+        raise _bad("scales", f"are on {scales.device} but the payload is on {payload.device}")
+    if payload.dim() != 1 or scales.dim() != 1:
+        raise _bad("payload", f"and scales must be 1-D, got {payload.dim()}-D and {scales.dim()}-D")
+    shape, stride = tuple(p.shape), tuple(p.stride)
+    if len(shape) != len(stride):
+        raise _bad("stride", f"{stride} has {len(stride)} dims but shape {shape} has {len(shape)}")
+    static = all(isinstance(v, int) and not isinstance(v, bool) for v in shape + stride)
+    if static:
+        if any(v < 0 for v in shape + stride):
+            raise _bad("shape", f"{shape} / stride {stride} has a negative entry")
+        if p.memory_order and math.prod(shape) and not _dense_in_memory(shape, stride):
+            raise _bad(
+                "stride", f"{stride} is not a dense layout of shape {shape} (memory_order=True)"
+            )
+        if payload.numel() > 1 and payload.stride(0) != 1:
+            raise _bad("payload", "must be contiguous")
+    numel = math.prod(shape)
+    nblocks = -(-numel // spec.block)
+    _require(
+        payload.numel() == spec.payload_nbytes(numel),
+        _bad(
+            "payload",
+            f"holds {payload.numel()} bytes but {numel} elements at {spec.bits} bits in blocks "
+            f"of {spec.block} need exactly {spec.payload_nbytes(numel)}",
+        ),
+    )
+    _require(
+        scales.numel() == nblocks,
+        _bad("scales", f"holds {scales.numel()} scales but {numel} elements need {nblocks}"),
+    )
+
+
 # ----------------------------------------------------------------------------- layout
 
 
-def _dense_in_memory(x: torch.Tensor) -> bool:
+def _dense_in_memory(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """True when the elements fill ``[offset, offset + numel)`` of storage, each once."""
     expected = 1
-    for size, stride in sorted(
-        ((sz, st) for sz, st in zip(x.shape, x.stride(), strict=True) if sz != 1),
+    for size, st in sorted(
+        ((sz, st) for sz, st in zip(shape, stride, strict=True) if sz != 1),
         key=lambda d: d[1],
     ):
-        if stride != expected:
+        if st != expected:
             return False
         expected *= size
+    return True
+
+
+def _non_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """True when no two elements of the layout share a storage location."""
+    extent = 0  # furthest offset reached by the dims seen so far
+    for size, st in sorted(
+        ((sz, st) for sz, st in zip(shape, stride, strict=True) if sz > 1), key=lambda d: d[1]
+    ):
+        if st <= extent:
+            return False
+        extent += (size - 1) * st
     return True
 
 
@@ -106,7 +202,7 @@ def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Elements of ``x`` as a 1-D tensor, in memory order when that needs no copy."""
     if x.is_contiguous():
         return x.reshape(-1), True
-    if _dense_in_memory(x):
+    if _dense_in_memory(tuple(x.shape), tuple(x.stride())):
         return x.as_strided((x.numel(),), (1,), x.storage_offset()), True
     return x.reshape(-1), False
 
@@ -114,6 +210,11 @@ def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def _restore(flat: torch.Tensor, p: Packed) -> torch.Tensor:
     if p.memory_order:
         return flat.as_strided(p.shape, p.stride)
+    sizes = (*p.shape, *p.stride)
+    if all(type(v) is int for v in sizes) and not _non_overlapping(tuple(p.shape), p.stride):
+        # An expanded (stride-0) or otherwise self-overlapping original cannot be written
+        # back element by element: the values come back in a contiguous layout instead.
+        return flat.view(p.shape)
     out = torch.empty_strided(p.shape, p.stride, dtype=flat.dtype, device=flat.device)
     out.copy_(flat.view(p.shape))
     return out
@@ -309,8 +410,8 @@ def unpack_codes(payload: torch.Tensor, bits: int, block: int) -> torch.Tensor:
 
 
 def finite_max(dtype: torch.dtype) -> float:
-    """Largest finite value of ``dtype`` that an fp32 decode can produce."""
-    return torch.finfo(dtype if dtype != torch.float64 else torch.float32).max
+    """Largest finite value of ``dtype`` (an fp32 decode never exceeds fp32's)."""
+    return torch.finfo(dtype).max
 
 
 def _slab_rows(spec: QuantSpec) -> int:
@@ -449,6 +550,7 @@ def dequantize(p: Packed, *, backend: Backend = "auto") -> torch.Tensor:
     """Rebuild the tensor a :class:`Packed` came from (original dtype, shape and strides)."""
     if not isinstance(p, Packed):
         raise TypeError(f"agoq.dequantize expects a Packed, got {type(p).__name__}")
+    _validate_packed(p)
     if _resolve(p.payload.device, backend) == "triton":
         from . import triton_kernels
 

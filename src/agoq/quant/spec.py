@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from .._validate import ConfigTypeError, describe
+
 Format = Literal["int", "fp4_e2m1", "fp8_e4m3"]
 Rounding = Literal["nearest", "stochastic"]
 
@@ -56,31 +58,41 @@ class QuantSpec:
     scale_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
+        if not isinstance(self.format, str):
+            raise ConfigTypeError(
+                f"QuantSpec.format: expected a string, got {describe(self.format)}"
+            )
         if self.format not in FORMAT_BITS:
             raise ValueError(
                 f"QuantSpec.format must be one of {sorted(FORMAT_BITS)}, got {self.format!r}"
             )
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ValueError(f"QuantSpec.bits must be an int, got {self.bits!r}")
+            raise ConfigTypeError(f"QuantSpec.bits must be an int, got {describe(self.bits)}")
         allowed = FORMAT_BITS[self.format]
         if self.bits not in allowed:
             raise ValueError(
                 f"QuantSpec.bits={self.bits} is not valid for format {self.format!r}; "
                 f"allowed: {list(allowed)}"
             )
-        if (
-            isinstance(self.block, bool)
-            or not isinstance(self.block, int)
-            or not MIN_BLOCK <= self.block <= MAX_BLOCK
-            or self.block & (self.block - 1)
-        ):
+        if isinstance(self.block, bool) or not isinstance(self.block, int):
+            raise ConfigTypeError(f"QuantSpec.block must be an int, got {describe(self.block)}")
+        if not MIN_BLOCK <= self.block <= MAX_BLOCK or self.block & (self.block - 1):
             raise ValueError(
                 f"QuantSpec.block must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}], "
                 f"got {self.block!r}"
             )
+        if not isinstance(self.rounding, str):
+            raise ConfigTypeError(
+                f"QuantSpec.rounding: expected a string, got {describe(self.rounding)}"
+            )
         if self.rounding not in ("nearest", "stochastic"):
             raise ValueError(
                 f"QuantSpec.rounding must be 'nearest' or 'stochastic', got {self.rounding!r}"
+            )
+        if not isinstance(self.scale_dtype, torch.dtype):
+            raise ConfigTypeError(
+                f"QuantSpec.scale_dtype must be torch.float32 or torch.bfloat16, "
+                f"got {describe(self.scale_dtype)}"
             )
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(
