@@ -11,6 +11,7 @@ stored tensors, the paper's "Case 1"; if it cannot be rebuilt, stored with ``fal
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .._validate import (
+    ConfigTypeError,
+    describe,
+    expect_bool,
+    expect_int,
+    expect_list,
+    expect_regex,
+    expect_str,
+    expect_str_list,
+    expect_table,
+    read_toml,
+)
 from ..quant import QuantSpec
 
 Action = QuantSpec | Literal["keep", "recompute"]
@@ -49,12 +62,13 @@ class KindRule:
     producer: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"KindRule.kind {self.kind!r} is not one of {sorted(KINDS)}")
+        # Typed: a bare string for classes would match by substring, "false" be truthy.
+        expect_str(self.kind, "KindRule.kind", choices=KINDS)
+        expect_regex(self.pattern, "KindRule.pattern")
+        object.__setattr__(self, "classes", expect_str_list(self.classes, "KindRule.classes"))
+        expect_bool(self.producer, "KindRule.producer")
         if not self.pattern and not self.classes:
             raise ValueError("KindRule needs a pattern or classes")
-        if self.pattern:
-            re.compile(self.pattern)
 
     def matches(self, fqn: str, module: nn.Module) -> bool:
         """True when this rule applies to ``module`` named ``fqn``."""
@@ -103,33 +117,47 @@ _PLAN_KEYS = (
 )
 
 
+_SPEC_KEYS = ("bits", "format", "block", "rounding", "scale_dtype")
+
+
+def _spec(base: QuantSpec, where: str, **kw: Any) -> QuantSpec:
+    """``base`` with fields replaced; QuantSpec's refusal is reported under ``where``."""
+    try:
+        return dataclasses.replace(base, **kw)
+    except ValueError as e:  # ConfigTypeError included: keep its type
+        raise type(e)(f"{where}: {e}") from None
+
+
 def _action(value: Any, base: QuantSpec, where: str) -> Action:
     """Parse a plan value: "keep", "recompute", 16 (= keep), a bit width, or a spec table."""
-    if isinstance(value, QuantSpec) or value in ("keep", "recompute"):
+    if isinstance(value, QuantSpec):
         return value
-    if isinstance(value, bool):
-        raise ValueError(
-            f"{where}: expected a bit width, 'keep', 'recompute' or a table, got {value!r}"
-        )
+    expected = "a bit width, 'keep', 'recompute' or a spec table"
+    if isinstance(value, str):
+        if value in ("keep", "recompute"):
+            return value  # type: ignore[return-value]
+        raise ValueError(f"{where}: expected {expected}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, Mapping)):
+        raise ConfigTypeError(f"{where}: expected {expected}, got {describe(value)}")
     if isinstance(value, int):
-        return "keep" if value == 16 else spec_for_bits(value, base)
-    if isinstance(value, Mapping):
-        unknown = set(value) - {"bits", "format", "block", "rounding", "scale_dtype"}
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown key(s) {sorted(unknown)}; expected bits, format, "
-                "block, rounding, scale_dtype"
-            )
-        kw = dict(value)
-        if "scale_dtype" in kw:
-            kw["scale_dtype"] = _dtype(kw["scale_dtype"], where)
-        return dataclasses.replace(base, **kw)
-    raise ValueError(
-        f"{where}: expected a bit width, 'keep', 'recompute' or a table, got {value!r}"
-    )
+        return "keep" if value == 16 else spec_for_bits(value, base, where)
+    expect_table(value, where, keys=_SPEC_KEYS)
+    kw: dict[str, Any] = {}
+    for key in ("bits", "block"):
+        if key in value:
+            kw[key] = expect_int(value[key], f"{where}.{key}")
+    for key in ("format", "rounding"):
+        if key in value:
+            kw[key] = expect_str(value[key], f"{where}.{key}")
+    if "scale_dtype" in value:
+        kw["scale_dtype"] = _dtype(value["scale_dtype"], f"{where}.scale_dtype")
+    if "bits" in kw and "format" not in kw:
+        return _spec(spec_for_bits(kw.pop("bits"), base, where), where, **kw)
+    return _spec(base, where, **kw)
 
 
 def _dtype(name: Any, where: str) -> torch.dtype:
+    """A scale dtype from its name ("float32"/"fp32", "bfloat16"/"bf16") or a torch.dtype."""
     table = {
         "float32": torch.float32,
         "fp32": torch.float32,
@@ -137,18 +165,30 @@ def _dtype(name: Any, where: str) -> torch.dtype:
         "bf16": torch.bfloat16,
     }
     if isinstance(name, torch.dtype):
+        if name not in table.values():
+            raise ValueError(f"{where}: scale_dtype must be float32 or bfloat16, got {name}")
         return name
+    if not isinstance(name, str):
+        raise ConfigTypeError(f"{where}: expected 'float32' or 'bfloat16', got {describe(name)}")
     if name not in table:
         raise ValueError(f"{where}: scale_dtype must be 'float32' or 'bfloat16', got {name!r}")
     return table[name]
 
 
-def spec_for_bits(bits: int, base: QuantSpec) -> QuantSpec:
+def spec_for_bits(bits: int, base: QuantSpec, where: str = "bits") -> QuantSpec:
     """``base`` moved to ``bits``: keeps its format where valid, else symmetric int."""
+    expect_int(bits, where)
     fmt = base.format
     if (fmt == "fp4_e2m1" and bits != 4) or (fmt == "fp8_e4m3" and bits != 8):
         fmt = "int"
-    return dataclasses.replace(base, bits=bits, format=fmt)
+    return _spec(base, where, bits=bits, format=fmt)
+
+
+def _invalid(where: str, expected: str, value: Any) -> ValueError:
+    """ValueError for a wrong value of the right type, ConfigTypeError otherwise."""
+    if isinstance(value, str):
+        return ValueError(f"{where}: expected {expected}, got {value!r}")
+    return ConfigTypeError(f"{where}: expected {expected}, got {describe(value)}")
 
 
 @dataclass(frozen=True)
@@ -173,28 +213,43 @@ class ActivationPlan:
     compiled: QuantSpec | Literal["keep", "plan"] = "plan"
 
     def __post_init__(self) -> None:
+        expect_table(self.kinds, "ActivationPlan.kinds")
         for kind, action in self.kinds.items():
             if kind not in KINDS:
                 raise ValueError(
                     f"ActivationPlan: unknown kind {kind!r}; known kinds: {sorted(KINDS)}"
                 )
-            if not (isinstance(action, QuantSpec) or action in ("keep", "recompute")):
-                raise ValueError(f"ActivationPlan: kind {kind!r} has invalid action {action!r}")
-        if not (isinstance(self.fallback, QuantSpec) or self.fallback == "keep"):
-            raise ValueError(
-                f"ActivationPlan.fallback must be a QuantSpec or 'keep', got {self.fallback!r}"
+            if not (
+                isinstance(action, QuantSpec)
+                or (isinstance(action, str) and action in ("keep", "recompute"))
+            ):
+                error = ConfigTypeError if not isinstance(action, str) else ValueError
+                raise error(
+                    f"ActivationPlan.kinds[{kind!r}]: invalid action {describe(action)}; "
+                    "expected a QuantSpec, 'keep' or 'recompute'"
+                )
+        if not (
+            isinstance(self.fallback, QuantSpec)
+            or (isinstance(self.fallback, str) and self.fallback == "keep")
+        ):
+            raise _invalid("ActivationPlan.fallback", "a QuantSpec or 'keep'", self.fallback)
+        if not (
+            isinstance(self.compiled, QuantSpec)
+            or (isinstance(self.compiled, str) and self.compiled in ("keep", "plan"))
+        ):
+            raise _invalid(
+                "ActivationPlan.compiled", "a QuantSpec, 'keep' or 'plan'", self.compiled
             )
-        if not (isinstance(self.compiled, QuantSpec) or self.compiled in ("keep", "plan")):
-            raise ValueError(
-                f"ActivationPlan.compiled must be a QuantSpec, 'keep' or 'plan', "
-                f"got {self.compiled!r}"
-            )
-        if not isinstance(self.min_numel, int) or self.min_numel < 0:
-            raise ValueError(
-                f"ActivationPlan.min_numel must be a non-negative int, got {self.min_numel!r}"
-            )
+        expect_int(self.min_numel, "ActivationPlan.min_numel", low=0)
+        expect_bool(self.recompute, "ActivationPlan.recompute")
+        rules = expect_list(self.rules, "ActivationPlan.rules")
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, KindRule):
+                raise ConfigTypeError(
+                    f"ActivationPlan.rules[{i}]: expected a KindRule, got {describe(rule)}"
+                )
         object.__setattr__(self, "kinds", dict(self.kinds))
-        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "rules", tuple(rules))
 
     # ---------------------------------------------------------------- presets
 
@@ -311,98 +366,89 @@ class ActivationPlan:
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> ActivationPlan:
-        """A plan from a dict / TOML table; unknown keys raise ValueError naming them.
+        """A plan from a dict / TOML table, every value type-checked.
 
         Keys: ``preset`` ("agoq", "uniform", "keep"), ``bits``, ``format``, ``block``,
         ``scale_dtype``, ``kinds`` (kind -> bits | "keep" | "recompute" | spec table),
-        ``rules`` (list of {kind, pattern, classes}), ``min_numel``, ``recompute``,
-        ``fallback`` and ``compiled`` (bits | "keep" | spec table).
+        ``rules`` (list of {kind, pattern, classes, producer}), ``min_numel``,
+        ``recompute``, ``fallback`` and ``compiled`` (bits | "keep" | spec table).
+        A wrong type raises ``ConfigTypeError`` (a TypeError and a ValueError), a bad value
+        or an unknown key ``ValueError``; both name the field.
         """
-        if not isinstance(table, Mapping):
-            raise ValueError(f"activation plan must be a table, got {type(table).__name__}")
-        unknown = set(table) - set(_PLAN_KEYS)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) {sorted(unknown)} in activation plan; "
-                f"expected some of {list(_PLAN_KEYS)}"
-            )
-        base = QuantSpec(
-            bits=table.get("bits", 4),
-            format=table.get("format", "fp4_e2m1" if table.get("bits", 4) == 4 else "int"),
-            block=table.get("block", 128),
-            scale_dtype=_dtype(table.get("scale_dtype", "float32"), "activation plan"),
+        where = "activation plan"
+        expect_table(table, where, keys=_PLAN_KEYS)
+        bits = expect_int(table.get("bits", 4), f"{where} bits")
+        base = _spec(
+            QuantSpec(),
+            where,
+            bits=bits,
+            format=expect_str(
+                table.get("format", "fp4_e2m1" if bits == 4 else "int"), f"{where} format"
+            ),
+            block=expect_int(table.get("block", 128), f"{where} block"),
+            scale_dtype=_dtype(table.get("scale_dtype", "float32"), f"{where} scale_dtype"),
         )
-        preset = table.get("preset", "agoq")
+        preset = expect_str(
+            table.get("preset", "agoq"), f"{where} preset", choices=("agoq", "uniform", "keep")
+        )
         if preset == "agoq":
             plan = cls.agoq(
                 bits=base.bits, format=base.format, block=base.block, scale_dtype=base.scale_dtype
             )
         elif preset == "uniform":
             plan = cls.uniform(base)
-        elif preset == "keep":
-            plan = cls.keep_all()
         else:
-            raise ValueError(
-                f"unknown activation plan preset {preset!r}; choose 'agoq', 'uniform' or 'keep'"
-            )
+            plan = cls.keep_all()
         kinds = dict(plan.kinds)
-        user_kinds = table.get("kinds", {})
-        if not isinstance(user_kinds, Mapping):
-            raise ValueError("activation plan 'kinds' must be a table")
+        user_kinds = expect_table(table.get("kinds", {}), f"{where} kinds")
         for kind, value in user_kinds.items():
             if kind not in KINDS:
-                raise ValueError(
-                    f"unknown kind {kind!r} in activation plan; known: {sorted(KINDS)}"
-                )
-            kinds[kind] = _action(value, base, f"activation plan kind {kind!r}")
+                raise ValueError(f"{where} kinds: unknown kind {kind!r}; known: {sorted(KINDS)}")
+            kinds[kind] = _action(value, base, f"{where} kinds.{kind}")
         rules = []
-        for i, r in enumerate(table.get("rules", [])):
-            if not isinstance(r, Mapping):
-                raise ValueError(f"activation plan rules[{i}] must be a table")
-            bad = set(r) - {"kind", "pattern", "classes", "producer"}
-            if bad:
-                raise ValueError(f"unknown key(s) {sorted(bad)} in activation plan rules[{i}]")
-            rules.append(
-                KindRule(
-                    r.get("kind", ""),
-                    r.get("pattern", ""),
-                    tuple(r.get("classes", ())),
-                    bool(r.get("producer", False)),
-                )
-            )
+        for i, r in enumerate(expect_list(table.get("rules", []), f"{where} rules")):
+            at = f"{where} rules[{i}]"
+            expect_table(r, at, keys=("kind", "pattern", "classes", "producer"))
+            if "kind" not in r:
+                raise ValueError(f"{at}: missing 'kind' (one of {sorted(KINDS)})")
+            kind = expect_str(r["kind"], f"{at}.kind", choices=KINDS)
+            pattern = expect_regex(r.get("pattern", ""), f"{at}.pattern")
+            classes = expect_str_list(r.get("classes", []), f"{at}.classes")
+            if not pattern and not classes:
+                raise ValueError(f"{at}: needs a non-empty 'pattern' or 'classes'")
+            producer = expect_bool(r.get("producer", False), f"{at}.producer")
+            rules.append(KindRule(kind, pattern, classes, producer))
         changes: dict[str, Any] = {"kinds": kinds, "rules": tuple(rules)}
         if "min_numel" in table:
-            changes["min_numel"] = table["min_numel"]
+            changes["min_numel"] = expect_int(table["min_numel"], f"{where} min_numel", low=0)
         if "recompute" in table:
-            if not isinstance(table["recompute"], bool):
-                raise ValueError("activation plan 'recompute' must be true or false")
-            changes["recompute"] = table["recompute"]
+            changes["recompute"] = expect_bool(table["recompute"], f"{where} recompute")
         for key in ("fallback", "compiled"):
             if key in table:
                 if key == "compiled" and table[key] == "plan":
                     changes[key] = "plan"
                     continue
-                a = _action(table[key], base, f"activation plan {key!r}")
+                a = _action(table[key], base, f"{where} {key}")
                 if a == "recompute":
-                    raise ValueError(f"activation plan {key!r} cannot be 'recompute'")
+                    raise ValueError(f"{where} {key}: cannot be 'recompute'")
                 changes[key] = a
         return dataclasses.replace(plan, **changes)
 
     @classmethod
-    def from_toml(cls, path_or_text: str, table: str = "activations") -> ActivationPlan:
-        """A plan from a TOML file path or TOML text; reads ``[table]`` (dotted allowed)."""
-        import os
+    def from_toml(
+        cls, path_or_text: str | os.PathLike[str], table: str = "activations"
+    ) -> ActivationPlan:
+        """A plan from a TOML file (a ``Path``, or a string naming a file) or TOML text;
+        reads ``[table]`` (dotted allowed; "" = the whole document).
 
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python < 3.11
-            import tomli as tomllib  # type: ignore[no-redef]
-
-        text = open(path_or_text).read() if os.path.exists(path_or_text) else path_or_text
-        data: Any = tomllib.loads(text)
+        A string that cannot be TOML (one line, no ``=``, no ``[``) is taken as a path:
+        ``FileNotFoundError`` when it does not exist.
+        """
+        expect_str(table, "ActivationPlan.from_toml table")
+        data: Any = read_toml(path_or_text, "activation plan")
         for part in table.split(".") if table else []:
-            if part not in data:
-                raise ValueError(f"TOML has no [{table}] table")
+            if not isinstance(data, Mapping) or part not in data:
+                raise ValueError(f"activation plan: the TOML has no [{table}] table")
             data = data[part]
         return cls.from_dict(data)
 
