@@ -27,17 +27,8 @@ class _SectionType(type):
         return f"the [agoq] section (valid keys: {names})"
 
 
-def _fail(key: str, msg: str) -> None:
-    raise ValueError(f"[agoq] {key}: {msg}")
-
-
-def _check_int(key: str, value: Any, *, low: int, allowed: tuple[int, ...] = ()) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        _fail(key, f"expected an integer, got {value!r}")
-    if allowed and value not in allowed:
-        _fail(key, f"must be one of {list(allowed)}, got {value}")
-    if value < low:
-        _fail(key, f"must be >= {low}, got {value}")
+NUMERICS_ACTIONS = ("fallback", "warn", "raise")
+_BOOL_KEYS = ("recompute", "stage_aware", "error_feedback", "grad_storage", "report")
 
 
 @dataclass
@@ -86,37 +77,55 @@ class Agoq(metaclass=_SectionType):
     report: bool = True
     """Log agoq's activation memory report and gradient-hook counters."""
 
+    numerics_check_every: int = 0
+    """Numerics guard: every N steps measure agoq's error on the live run; 0 = off."""
+
+    numerics_threshold: float = 0.05
+    """Relative error (vs the unquantized result) above which the guard acts."""
+
+    numerics_action: str = "fallback"
+    """Above the threshold: "fallback" (that kind/bucket to full precision, with a
+    warning), "warn" or "raise"."""
+
     def __post_init__(self) -> None:
-        if self.activations not in ACTIVATION_PRESETS:
-            _fail(
-                "activations",
-                f"must be one of {list(ACTIVATION_PRESETS)}, got {self.activations!r}",
-            )
-        _check_int("activation_bits", self.activation_bits, low=2, allowed=(2, 3, 4, 5, 6, 8))
-        if self.activation_format not in ACTIVATION_FORMATS:
-            _fail(
-                "activation_format",
-                f"must be one of {list(ACTIVATION_FORMATS)}, got {self.activation_format!r}",
-            )
-        _check_int("activation_block", self.activation_block, low=1)
-        _check_int("activation_min_numel", self.activation_min_numel, low=0)
-        if not isinstance(self.activation_kinds, dict):
-            _fail("activation_kinds", f"must be a table, got {self.activation_kinds!r}")
-        for key in ("recompute", "stage_aware", "error_feedback", "grad_storage", "report"):
-            if not isinstance(getattr(self, key), bool):
-                _fail(key, f"must be true or false, got {getattr(self, key)!r}")
-        _check_int("grad_bits", self.grad_bits, low=0, allowed=(0, 8))
-        _check_int("grad_block", self.grad_block, low=0)
-        b = self.grad_block
+        # agoq's one typed validation path; imported here so that importing this module
+        # (which torchtitan does early) does not import torch.
+        from agoq._validate import (
+            expect_bool,
+            expect_float,
+            expect_int,
+            expect_str,
+            expect_table,
+        )
+
+        def at(key: str) -> str:
+            return f"[agoq] {key}"
+
+        expect_str(self.activations, at("activations"), choices=ACTIVATION_PRESETS)
+        expect_int(self.activation_bits, at("activation_bits"), allowed=(2, 3, 4, 5, 6, 8))
+        expect_str(self.activation_format, at("activation_format"), choices=ACTIVATION_FORMATS)
+        expect_int(self.activation_block, at("activation_block"), low=1)
+        expect_int(self.activation_min_numel, at("activation_min_numel"), low=0)
+        expect_table(self.activation_kinds, at("activation_kinds"))
+        for key in _BOOL_KEYS:
+            expect_bool(getattr(self, key), at(key))
+        expect_int(self.grad_bits, at("grad_bits"), allowed=(0, 8))
+        b = expect_int(self.grad_block, at("grad_block"), low=0)
         if b and (b < 16 or b > 4096 or b & (b - 1)):
-            _fail(
-                "grad_block", f"must be 0 (agoq's default) or a power of two in [16, 4096], got {b}"
+            raise ValueError(
+                f"[agoq] grad_block: must be 0 (agoq's default) or a power of two in "
+                f"[16, 4096], got {b}"
             )
+        expect_int(self.numerics_check_every, at("numerics_check_every"), low=0)
+        self.numerics_threshold = expect_float(
+            self.numerics_threshold, at("numerics_threshold"), low=0.0, low_open=True
+        )
+        expect_str(self.numerics_action, at("numerics_action"), choices=NUMERICS_ACTIONS)
         if self.activations != "off":
             try:
                 self.activation_plan()
-            except ValueError as e:
-                raise ValueError(f"[agoq] activation plan: {e}") from None
+            except ValueError as e:  # ConfigTypeError (also a TypeError) keeps its type
+                raise type(e)(f"[agoq] activation plan: {e}") from None
 
     def plan_table(self) -> dict[str, Any]:
         """The activation plan as the table ``agoq.ActivationPlan.from_dict`` reads."""
