@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ._validate import ConfigTypeError, describe, expect_float, expect_int
 from .activations import ActivationContext, ActivationPlan, quantize_activations
 from .data import VOCAB_SIZE, sample, split, text_tokens
 from .models.llama import PRESETS, build
@@ -36,6 +37,19 @@ PLANS = ("none", "agoq", "agoq-norm32", "uniform4")
 NORM32 = QuantSpec(bits=4, format="fp4_e2m1", block=32, scale_dtype=torch.bfloat16)
 GRADS = ("fp32", "int8")
 EVAL_SEED = 1234  # held-out windows are the same for every seed and configuration
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bad(msg: str, wrong_type: bool) -> ValueError:
+    """``msg`` as a ValueError, or as a ConfigTypeError when the value's type is wrong."""
+    return ConfigTypeError(msg) if wrong_type else ValueError(msg)
 
 
 @dataclass(frozen=True)
@@ -69,26 +83,40 @@ class TrainConfig:
     timeout: float | None = None  # seconds for a world_size=2 run; None: sized from steps
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid option."""
-        if self.model not in PRESETS:
-            raise ValueError(f"unknown model preset {self.model!r}; choose from {sorted(PRESETS)}")
+        """Raise ``ValueError`` naming the first invalid option (``ConfigTypeError``, which
+        is also a ``TypeError``, for a value of the wrong type: no bools as ints, no strings
+        as numbers)."""
+        if not isinstance(self.model, str) or self.model not in PRESETS:
+            raise _bad(
+                f"unknown model preset {self.model!r}; choose from {sorted(PRESETS)}",
+                not isinstance(self.model, str),
+            )
         if isinstance(self.plan, str) and self.plan not in PLANS:
             raise ValueError(f"unknown activation plan {self.plan!r}; choose from {list(PLANS)}")
         if not isinstance(self.plan, (str, ActivationPlan)):
-            raise ValueError(
-                f"plan must be one of {list(PLANS)} or an ActivationPlan, "
-                f"got {type(self.plan).__name__}"
+            raise ConfigTypeError(
+                f"plan must be one of {list(PLANS)} or an ActivationPlan, got {describe(self.plan)}"
             )
-        if self.grads not in GRADS:
-            raise ValueError(f"unknown gradient mode {self.grads!r}; choose from {list(GRADS)}")
-        if self.world_size not in (1, 2):
-            raise ValueError(f"world_size must be 1 or 2, got {self.world_size!r}")
+        if not isinstance(self.grads, str) or self.grads not in GRADS:
+            raise _bad(
+                f"unknown gradient mode {self.grads!r}; choose from {list(GRADS)}",
+                not isinstance(self.grads, str),
+            )
+        if not _is_int(self.world_size) or self.world_size not in (1, 2):
+            raise _bad(
+                f"world_size must be 1 or 2, got {self.world_size!r}", not _is_int(self.world_size)
+            )
         if self.grads == "int8" and self.world_size == 1:
             raise ValueError("grads='int8' needs world_size=2 (one process has nothing to reduce)")
         for name in ("steps", "batch", "seq", "eval_batches"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if not _is_int(value) or value < 1:
+                raise _bad(f"{name} must be an integer >= 1, got {value!r}", not _is_int(value))
+        if not _is_int(self.warmup) or self.warmup < 0:
+            raise _bad(
+                f"warmup must be an integer >= 0, got {self.warmup!r}", not _is_int(self.warmup)
+            )
+        expect_int(self.seed, "seed", low=-(2**63), high=2**64 - 1)
         if self.batch % self.world_size:
             raise ValueError(
                 f"batch {self.batch} must be divisible by world_size {self.world_size}"
@@ -97,19 +125,37 @@ class TrainConfig:
             raise ValueError(
                 f"seq {self.seq} exceeds the model's max_seq_len {PRESETS[self.model].max_seq_len}"
             )
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not _is_real(self.lr) or not (self.lr > 0 and math.isfinite(self.lr)):
+            raise _bad(
+                f"lr must be a positive finite number, got {self.lr!r}", not _is_real(self.lr)
+            )
+        if not _is_real(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise _bad(
+                f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}",
+                not _is_real(self.min_lr_ratio),
+            )
+        expect_float(self.weight_decay, "weight_decay", low=0.0)
+        expect_float(self.grad_clip, "grad_clip", low=0.0, low_open=True)
+        if self.timeout is not None:
+            expect_float(self.timeout, "timeout", low=0.0, low_open=True)
+        if not isinstance(self.device, str):
+            raise ConfigTypeError(f"device: expected a string, got {describe(self.device)}")
         try:
             dev = torch.device(self.device)
         except RuntimeError as e:
             raise ValueError(f"invalid device {self.device!r}: {e}") from None
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {self.device!r}: agoq trains on cpu, cuda or mps")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
-        if dev.type == "cuda" and self.world_size > 1:
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {self.device!r} requested but only {torch.cuda.device_count()} "
+                "CUDA device(s) are visible"
+            )
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {self.device!r} requested but MPS is not available")
+        if dev.type != "cpu" and self.world_size > 1:
             raise ValueError("world_size=2 runs on CPU gloo ranks; use device='cpu'")
 
     def activation_plan(self) -> ActivationPlan | None:
