@@ -161,7 +161,7 @@ def _ddp_rank(rank, world, mode):
     cap = {} if mode == "compiled" else {"bucket_cap_mb": 0.05}
     ref = DDP(model(), **cap)
     hooked = DDP(model(), **cap)
-    state = Int8AllReduceState(error_feedback=(mode == "ef"), min_numel=0)
+    state = Int8AllReduceState(error_feedback=(mode == "ef"), min_numel=0, model=hooked)
     hooked.register_comm_hook(state, int8_allreduce)
     if mode in ("parity", "ef"):
         for m in (ref, hooked):
@@ -180,7 +180,7 @@ def _ddp_rank(rank, world, mode):
         out["n_residuals"] = len(state.residuals)
         out["n_params"] = len(list(hooked.parameters()))
         sd = state.state_dict()
-        fresh = Int8AllReduceState(error_feedback=True)
+        fresh = Int8AllReduceState(error_feedback=True, model=model())
         fresh.load_state_dict(sd)
         out["roundtrip"] = all(
             torch.equal(fresh.residuals[k], v) for k, v in state.residuals.items()

@@ -6,7 +6,10 @@ reduced chunk once -> ``all_gather_into_tensor`` -> dequantize. Every element is
 exactly twice whatever the world size W, so the error does not grow with W (a ring that
 requantizes at every hop does). The reduced chunk is quantized by its owner only and then
 gathered, so every rank ends with bitwise-identical values. A block holding NaN/Inf on any
-rank is NaN on every rank.
+rank is NaN on every rank. Each rank's dequantized chunk is divided by W *before* the fp32
+sum (as DDP's default hook divides before its all-reduce), so gradients near the fp32
+maximum stay finite. float64 is refused (the path is fp32 inside; it would silently lose
+range and precision).
 
 All collectives are issued, and waited for, from the calling thread: under gloo, collectives
 launched from ``Future.then`` callbacks run on worker threads and can deadlock.
@@ -50,8 +53,58 @@ class Layout:
 
 
 def _check(spec: QuantSpec) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be an agoq QuantSpec, got {type(spec).__name__}")
     if spec.format != "int" or spec.bits != 8:
         raise ValueError(f"the int8 all-reduce needs an 8-bit int QuantSpec, got {spec}")
+
+
+def check_grad_dtype(dtype: torch.dtype, where: str) -> None:
+    """Refuse what the fp32 int8 path would silently corrupt: non-floating tensors and
+    float64 (1e-50 would come back 0, 1e300 NaN)."""
+    if dtype == torch.float64:
+        raise TypeError(
+            f"{where}: float64 gradients are not supported (the int8 path computes in fp32, "
+            "which would flush small values to 0 and overflow large ones); use float32, "
+            "bfloat16 or float16, or a full-precision reduction for float64"
+        )
+    if not dtype.is_floating_point:
+        raise TypeError(f"{where} needs a floating tensor, got {dtype}")
+
+
+def _check_segments(segments: list[tuple[int, int]], numel: int) -> None:
+    if not isinstance(segments, (list, tuple)):
+        raise TypeError(
+            f"segments must be a list of (offset, numel), got {type(segments).__name__}"
+        )
+    end = 0
+    for seg in segments:
+        if (
+            not isinstance(seg, (list, tuple))
+            or len(seg) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in seg)
+        ):
+            raise TypeError(
+                f"segments: each entry must be an (offset, numel) int pair, got {seg!r}"
+            )
+        off, n = seg
+        if off < end or n < 0 or off + n > numel:
+            raise ValueError(
+                f"segments: ({off}, {n}) overlaps the previous segment or lies outside the "
+                f"tensor of {numel} elements (segments must be sorted and disjoint)"
+            )
+        end = off + n
+
+
+def _reset_non_finite_blocks(err: torch.Tensor, block: int) -> None:
+    """Zero the error-feedback residual of every block that was not finite.
+
+    A non-finite block (an fp16 overflow that GradScaler will skip) must still be sent as
+    NaN, but its residual would be NaN too and poison every later step: it restarts at 0.
+    Finite blocks keep their residual."""
+    rows = err.view(-1, block)
+    bad = ~torch.isfinite(rows).all(dim=1)
+    rows.masked_fill_(bad.unsqueeze(1), 0.0)
 
 
 def wire_bytes(
@@ -78,7 +131,8 @@ def reference_all_reduce(
     tensors: list[torch.Tensor], spec: QuantSpec = DEFAULT_SPEC, *, average: bool = True
 ) -> torch.Tensor:
     """Single-process reference of the collective for the tensors of all ranks: quantize
-    each, dequantize, sum in fp32 (rank order), [average], quantize once, dequantize."""
+    each, dequantize, [divide by the world size], sum in fp32 (rank order), quantize once,
+    dequantize."""
     world = len(tensors)
     lay = Layout(tensors[0].numel(), world, spec.block)
     total = torch.zeros(lay.padded, dtype=torch.float32)
@@ -89,9 +143,8 @@ def reference_all_reduce(
             part = flat[r * lay.chunk : (r + 1) * lay.chunk]
             p, s = quantize_flat_torch(part, spec)
             parts.append(dequantize_flat_torch(p, s, spec, lay.chunk, torch.float32))
-        total += torch.cat(parts)
-    if average:
-        total /= world
+        part = torch.cat(parts)
+        total += part / world if average else part
     out = []
     for r in range(world):
         p, s = quantize_flat_torch(total[r * lay.chunk : (r + 1) * lay.chunk], spec)
@@ -140,15 +193,30 @@ def int8_all_reduce(
 ) -> torch.Tensor:
     """All-reduce ``tensor`` in place over ``group`` in int8 and return it.
 
-    ``average`` divides the fp32 sum by the world size (like DDP's default hook).
+    ``average`` divides by the world size (like DDP's default hook: each rank's part is
+    divided before the fp32 sum, so values near the fp32 maximum do not overflow).
     ``residual`` (fp32, same numel, optional) turns on error feedback: it is added to the
-    tensor before the first quantization and overwritten with that quantization's error.
-    ``segments`` ((offset, numel) per parameter, covering the tensor) puts each segment on
-    its own blocks, so parameters with small gradients keep their precision.
+    tensor before the first quantization and overwritten with that quantization's error
+    (reset to 0 in blocks that were not finite). ``segments`` ((offset, numel) per
+    parameter, sorted, disjoint) puts each segment on its own blocks, so parameters with
+    small gradients keep their precision. float64 raises TypeError.
     """
     _check(spec)
-    if not tensor.is_floating_point():
-        raise TypeError(f"int8_all_reduce needs a floating tensor, got {tensor.dtype}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"int8_all_reduce needs a tensor, got {type(tensor).__name__}")
+    check_grad_dtype(tensor.dtype, "int8_all_reduce")
+    if not isinstance(average, bool):
+        raise TypeError(f"average must be a bool, got {type(average).__name__}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32:
+            raise TypeError("residual must be a float32 tensor")
+        if residual.numel() != tensor.numel() or residual.device != tensor.device:
+            raise ValueError(
+                f"residual has {residual.numel()} elements on {residual.device}, the tensor "
+                f"{tensor.numel()} on {tensor.device}"
+            )
+    if segments is not None:
+        _check_segments(segments, tensor.numel())
     world = dist.get_world_size(group)
     if world == 1:
         if residual is not None:
@@ -172,6 +240,7 @@ def int8_all_reduce(
     if residual is not None:
         sent = dequantize_flat_torch(payload, scales, spec, lay.padded, torch.float32)
         err = flat - sent
+        _reset_non_finite_blocks(err, spec.block)
         if dst is not None:
             residual.reshape(-1)[src] = err[dst]
         else:
@@ -183,9 +252,9 @@ def int8_all_reduce(
     dist.all_to_all_single(recv_scales, scales, group=group)
 
     parts = dequantize_flat_torch(recv_payload, recv_scales, spec, lay.padded, torch.float32)
+    if average:  # before the sum: W values near the fp32 maximum must not overflow
+        parts /= world
     reduced = parts.view(world, lay.chunk).sum(dim=0)  # fp32, fixed rank order
-    if average:
-        reduced /= world
     my_payload, my_scales = quantize_flat_torch(reduced, spec, generator)
 
     all_payload = torch.empty_like(payload)
@@ -213,6 +282,7 @@ def int8_all_reduce_functional(
     import torch.distributed._functional_collectives as fcol
 
     _check(spec)
+    check_grad_dtype(tensor.dtype, "int8_all_reduce_functional")
     world = dist.get_world_size(group)
     if world == 1:
         return tensor
@@ -224,9 +294,9 @@ def int8_all_reduce_functional(
     recv_payload = fcol.wait_tensor(fcol.all_to_all_single(payload, None, None, group))
     recv_scales = fcol.wait_tensor(fcol.all_to_all_single(scales, None, None, group))
     parts = dequantize_flat_torch(recv_payload, recv_scales, spec, lay.padded, torch.float32)
-    reduced = parts.view(world, lay.chunk).sum(dim=0)
     if average:
-        reduced = reduced / world
+        parts = parts / world
+    reduced = parts.view(world, lay.chunk).sum(dim=0)
     my_payload, my_scales = quantize_flat_torch(reduced, spec)
     all_payload = fcol.wait_tensor(fcol.all_gather_tensor(my_payload, 0, group))
     all_scales = fcol.wait_tensor(fcol.all_gather_tensor(my_scales, 0, group))
