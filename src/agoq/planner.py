@@ -30,6 +30,7 @@ from typing import Any
 
 from torch.distributed.pipelining import schedules as _tsched
 
+from ._validate import ConfigTypeError, describe
 from .gradients.allreduce import DEFAULT_SPEC as GRAD_SPEC
 from .pipeline import _peak_inflight, _resolve_schedule, rank_actions, stage_bits
 from .quant import QuantSpec
@@ -55,6 +56,23 @@ METHODS = ("baseline", "coat", "agoq")
 GIB = 2**30
 
 
+# Sizes above 2**53 lose integer precision in the float byte counts: refused as absurd.
+MAX_SIZE = 2**53
+MAX_SCHEDULE_WORK = 2**15
+
+
+def _check_size(where: str, value: Any, *, low_msg: str = "a positive int") -> None:
+    """A positive int (bools refused) no larger than :data:`MAX_SIZE`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigTypeError(f"{where} must be a positive int, got {describe(value)}")
+    if value < 1:
+        if low_msg == "a positive int":
+            raise ValueError(f"{where} must be a positive int, got {value!r}")
+        raise ValueError(f"{where} must be {low_msg}, got {value!r}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{where} must be <= 2**53, got {describe(value)}")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The dimensions of a LLaMA-style decoder that decide its memory."""
@@ -70,9 +88,14 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for key in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelShape.{key} must be a positive int, got {value!r}")
+            _check_size(f"ModelShape.{key}", getattr(self, key))
+        if not isinstance(self.name, str):
+            raise ConfigTypeError(f"ModelShape.name: expected a string, got {describe(self.name)}")
+        if not isinstance(self.tied_embeddings, bool):
+            raise ConfigTypeError(
+                f"ModelShape.tied_embeddings: expected true or false, "
+                f"got {describe(self.tied_embeddings)}"
+            )
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError(
                 f"ModelShape: hidden={self.hidden} must be divisible by heads={self.heads}, "
@@ -278,11 +301,32 @@ class Layout:
 
     def __post_init__(self) -> None:
         for key in ("seq", "mbs", "tp", "pp", "dp"):
+            _check_size(f"Layout.{key}", getattr(self, key))
+        if self.n_microbatches is not None:
+            _check_size("Layout.n_microbatches", self.n_microbatches, low_msg=">= 1")
+        if self.stages_per_rank is not None:
+            _check_size("Layout.stages_per_rank", self.stages_per_rank, low_msg=">= 1")
+        if not isinstance(self.schedule, (str, type)):
+            raise ConfigTypeError(
+                f"Layout.schedule: expected a string, got {describe(self.schedule)}"
+            )
+        for key in ("sequence_parallel", "zero1"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Layout.{key} must be a positive int, got {value!r}")
-        if self.n_microbatches is not None and self.n_microbatches < 1:
-            raise ValueError(f"Layout.n_microbatches must be >= 1, got {self.n_microbatches}")
+            if not isinstance(value, bool) and not (key == "sequence_parallel" and value is None):
+                raise ConfigTypeError(
+                    f"Layout.{key}: expected true or false, got {describe(value)}"
+                )
+        _resolve_schedule(self.schedule)  # a typo is an error even without pipelining
+        if self.pp > 1:
+            # The planner runs torch's schedule to count in-flight micro-batches; its cost
+            # grows faster than stages x micro-batches, so absurd sizes are refused.
+            n_mb = self.n_microbatches or 2 * self.pp
+            work = self.pp * (self.stages_per_rank or 2) * n_mb
+            if work > MAX_SCHEDULE_WORK:
+                raise ValueError(
+                    f"Layout: pp={self.pp} x chunks x {n_mb} micro-batches is too large to "
+                    f"simulate (at most {MAX_SCHEDULE_WORK} stage x micro-batch pairs)"
+                )
 
     @property
     def chunks(self) -> int:
@@ -474,6 +518,11 @@ def predict(
         if best is None or pred.total > best.total:
             best = pred
     assert best is not None
+    if not math.isfinite(best.total + best.step_extra):
+        raise ValueError(
+            "the prediction overflows (not a finite number of bytes): the model, layout or "
+            "accounting values are too large"
+        )
     return best
 
 

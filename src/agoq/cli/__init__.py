@@ -26,6 +26,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def user_error(command: str, message: object) -> int:
+    """Report a user error as ONE line on stderr (no traceback, no wrapping, no markup) and
+    return the usage-error exit status 2."""
+    text = " ".join(str(message).split())
+    print(f"agoq {command}: {text}", file=sys.stderr, flush=True)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand's options."""
     from agoq import __version__

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..models.llama import PRESETS
 from ..train import GRADS, TrainConfig, TrainResult, train
+from . import user_error
 
 TAIL = 20  # steps averaged for the final training loss
 
@@ -80,6 +81,16 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig]:
     base.validate()
     agoq.validate()
     return base, agoq
+
+
+def _check_writable(out: Path) -> None:
+    """Create ``out`` and prove a file can be written there, before minutes of training
+    (an unwritable folder would otherwise only fail at the end)."""
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".agoq-demo-", suffix=".tmp"):
+        pass
 
 
 def summary(base: TrainResult, agoq: TrainResult) -> dict:
@@ -254,18 +265,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
-    errors = Console(stderr=True)
     try:
         base_cfg, agoq_cfg = _configs(args)
-    except ValueError as e:
-        errors.print(f"agoq demo: {e}", style="red", markup=False)
-        return 2
+    except ValueError as e:  # ConfigTypeError included
+        return user_error("demo", e)
     out = Path(args.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        _check_writable(out)
     except OSError as e:
-        errors.print(f"agoq demo: cannot use --out {args.out!r}: {e}", style="red", markup=False)
-        return 2
+        return user_error("demo", f"cannot use --out {args.out!r}: {e}")
     console.print(
         f"Training LLaMA '{args.model}' on Python's stdlib docstrings: {args.steps} steps of "
         f"{args.batch} x {args.seq} bytes on {base_cfg.device}"
@@ -293,9 +301,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(_table(base, agoq, s, args.plan))
 
     data = {"baseline": base.to_dict(), "agoq": agoq.to_dict(), "summary": s}
-    (out / "demo.json").write_text(json.dumps(data, indent=1))
     try:
+        (out / "demo.json").write_text(json.dumps(data, indent=1))
         plot(base, agoq, out / "demo.png", args.plan)
+    except OSError as e:  # checked up front, but the disk may still fill up meanwhile
+        return user_error("demo", f"cannot write the results to --out {args.out!r}: {e}")
     except ImportError:
         console.print(
             "matplotlib is not installed: no demo.png (pip install 'agoq[plot]'). "

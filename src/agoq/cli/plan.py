@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from agoq.cli import user_error
 from agoq.planner import (
     COLUMNS,
     METHODS,
@@ -133,9 +134,8 @@ def run(args: argparse.Namespace) -> int:
             for name in SETUPS
         }
         inflight = layout.inflight()
-    except (ValueError, OSError) as e:
-        Console(stderr=True).print(f"[red]agoq plan: {e}[/red]")
-        return 2
+    except (ValueError, OSError, OverflowError) as e:
+        return user_error("plan", e)
     units = {m: layer_units(shape, m, args.bits, acc) for m in METHODS}
     if args.json:
         print(json.dumps(_as_json(shape, layout, inflight, units, preds), indent=2))
