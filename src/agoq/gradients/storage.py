@@ -42,6 +42,12 @@ the optimizer step: each micro-batch's backward (autograd's AccumulateGrad) fire
 the stage's parameters; a schedule that writes weight gradients itself (zero-bubble's
 separate weight step) needs explicit ``accumulate()`` calls instead.
 
+An exception inside ``accumulating()`` clears the store (nothing of the failed step is kept
+for the next one to add to); :meth:`Int8GradStore.zero_grad` clears the store and the
+parameters' ``.grad`` together, the call to use in place of ``optimizer.zero_grad()`` when a
+step is abandoned between ``accumulate()`` and ``materialize()``. Gradients are checked
+against their parameter (shape, device) and float64 is refused (the store is fp32 inside).
+
 DTensor gradients (FSDP2's sharded gradients, tensor-parallel gradients) are stored by their
 local tensor and rebuilt with the same mesh and placements. FSDP2 with
 ``set_requires_gradient_sync(False)`` keeps the unsharded gradient inside FSDP (not in the
@@ -54,19 +60,47 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
+from .._validate import expect_bool, expect_int
 from ..quant import Packed, QuantSpec, dequantize, quantize
+from .allreduce import check_grad_dtype
 
 Compensation = Literal["none", "stochastic", "residual"]
 COMPENSATIONS: tuple[str, ...] = ("none", "stochastic", "residual")
 
 DEFAULT_STORE_SPEC = QuantSpec(bits=8, format="int", block=256)
+_STATE_VERSION = 2
+_DDP_SYNC_ATTR = "require_forward_param_sync"
+
+
+def _ddp_sync_flag(ddp: torch.nn.Module) -> bool:
+    """DDP's private "this backward is synchronized" flag; missing means torch changed it,
+    and guessing would silently switch the guard off, so raise."""
+    try:
+        return bool(getattr(ddp, _DDP_SYNC_ATTR))
+    except AttributeError:
+        raise RuntimeError(
+            f"Int8GradStore: DistributedDataParallel has no attribute {_DDP_SYNC_ATTR!r} in "
+            f"torch {torch.__version__}; agoq reads it to refuse storing the gradients of a "
+            "backward that DDP synchronizes and cannot guard DDP without it. Use explicit "
+            "accumulate() calls under no_sync(), or an agoq release that supports this torch"
+        ) from None
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while True:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
+            module = module._orig_mod
+        else:
+            return module
 
 
 def _is_fsdp2(module: torch.nn.Module) -> bool:
@@ -134,8 +168,10 @@ def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
 class Int8GradStore:
     """Accumulates the gradients of ``params`` in 8 bits between micro-batches.
 
-    ``params``: parameters, or a module (its parameters; a ``DistributedDataParallel``
-    module also arms the guard of :meth:`accumulating` against synchronized backwards).
+    ``params``: a module (its parameters, keyed by FQN in :meth:`state_dict`; a
+    ``DistributedDataParallel`` module also arms the guard of :meth:`accumulating` against
+    synchronized backwards), ``(name, parameter)`` pairs (``model.named_parameters()``), or
+    parameters (keyed by position).
     ``spec``: the storage format (default int8, blocks of 256, fp32 scales; any
     :class:`~agoq.QuantSpec` works). ``compensation``: ``"residual"`` (default) keeps each
     requantization's error in a second tensor quantized with ``residual_spec`` (default
@@ -152,7 +188,7 @@ class Int8GradStore:
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | torch.nn.Module,
+        params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | torch.nn.Module,
         *,
         spec: QuantSpec = DEFAULT_STORE_SPEC,
         compensation: Compensation = "residual",
@@ -161,7 +197,11 @@ class Int8GradStore:
     ) -> None:
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be an agoq QuantSpec, got {type(spec).__name__}")
-        if compensation not in COMPENSATIONS:
+        if residual_spec is not None and not isinstance(residual_spec, QuantSpec):
+            raise TypeError(
+                f"residual_spec must be an agoq QuantSpec or None, got {type(residual_spec).__name__}"
+            )
+        if not isinstance(compensation, str) or compensation not in COMPENSATIONS:
             raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
         if compensation == "stochastic":
             spec = dataclasses.replace(spec, rounding="stochastic")
@@ -179,23 +219,45 @@ class Int8GradStore:
         self.residual_spec = residual_spec
         self._ddp: torch.nn.Module | None = None
         self._fsdp = False
+        named: Iterable[tuple[str | None, Any]]
         if isinstance(params, torch.nn.Module):
             if isinstance(params, torch.nn.parallel.DistributedDataParallel):
                 self._ddp = params
+                _ddp_sync_flag(params)  # fail now, not at the first backward
             self._fsdp = _is_fsdp2(params)
-            params = params.parameters()
+            named = _unwrap(params).named_parameters()
+        elif isinstance(params, torch.Tensor):
+            raise TypeError(
+                "Int8GradStore takes an iterable of parameters or a module, not a tensor"
+            )
+        else:
+            try:
+                items = list(params)
+            except TypeError:
+                raise TypeError(
+                    "Int8GradStore takes a module, parameters or (name, parameter) pairs, got "
+                    f"{type(params).__name__}"
+                ) from None
+            named = [(x if isinstance(x, tuple) and len(x) == 2 else (None, x)) for x in items]
         self.params: list[torch.Tensor] = []
+        self.names: list[str] = []
         seen: set[int] = set()
-        for p in params:
-            if not isinstance(p, torch.Tensor):
+        for name, p in named:
+            if not isinstance(p, torch.Tensor) or (name is not None and not isinstance(name, str)):
                 raise TypeError(f"Int8GradStore takes tensors, got {type(p).__name__}")
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
+                self.names.append(name if name is not None else str(len(self.params)))
                 self.params.append(p)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("Int8GradStore: parameter names must be unique")
         if seed is None:
             seed = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.seed = seed
+        self.seed = expect_int(seed, "Int8GradStore: seed")
         self._generators: dict[torch.device, torch.Generator] = {}
+        if spec.rounding == "stochastic":  # created now: state_dict() is then a full template
+            for p in self.params:
+                self._generator(self._local_param(p).device)
         self._slots: dict[int, _Slot] = {}
         self._handles: list[Any] | None = None
 
@@ -219,6 +281,26 @@ class Int8GradStore:
     def clear(self) -> None:
         """Drop everything stored (``p.grad`` is left alone)."""
         self._slots.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the store *and* every parameter's ``.grad`` (``set_to_none=False``: zero
+        it): what ``optimizer.zero_grad()`` does, plus the gradients held here, so an
+        abandoned step leaves nothing behind for the next one to add to."""
+        expect_bool(set_to_none, "Int8GradStore.zero_grad: set_to_none")
+        self._slots.clear()
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    @staticmethod
+    def _local_param(p: torch.Tensor) -> torch.Tensor:
+        DTensor = _dtensor_type()
+        return p.to_local() if DTensor is not None and isinstance(p, DTensor) else p
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.spec.rounding != "stochastic":
@@ -257,13 +339,19 @@ class Int8GradStore:
         if p.grad is None:  # unused in this micro-batch
             return
         g, meta = self._local_grad(p.grad)
-        if not g.is_floating_point():
-            raise TypeError(f"Int8GradStore needs floating gradients, got {g.dtype}")
+        check_grad_dtype(g.dtype, f"Int8GradStore ({self.names[index]})")
+        local = self._local_param(p)
+        if g.shape != local.shape:
+            raise RuntimeError(
+                f"Int8GradStore: gradient of {self.names[index]!r} has shape {tuple(g.shape)}, "
+                f"the parameter {tuple(local.shape)}"
+            )
         slot = self._slots.get(index)
         if slot is not None and (g.shape != slot.shape or g.device != slot.main.device):
             raise RuntimeError(
-                f"parameter {index}: gradient of shape {tuple(g.shape)} on {g.device} does "
-                f"not match the stored one ({tuple(slot.shape)} on {slot.main.device})"
+                f"parameter {self.names[index]!r}: gradient of shape {tuple(g.shape)} on "
+                f"{g.device} does not match the stored one ({tuple(slot.shape)} on "
+                f"{slot.main.device})"
             )
         if slot is None:
             # The accumulator is laid out like the gradient (dense strides; row-major if
@@ -303,10 +391,13 @@ class Int8GradStore:
         A post-accumulate-grad hook on every parameter folds its gradient into the store as
         soon as autograd has written it (so the full-precision gradient of one parameter
         lives only briefly, not the whole model's). On a clean exit the hooks are removed
-        and, if ``materialize``, :meth:`materialize` runs. Backward passes that write
-        ``p.grad`` without autograd's AccumulateGrad (e.g. a pipeline schedule's separate
-        weight-gradient step) do not fire the hooks: call :meth:`accumulate` after them.
+        and, if ``materialize``, :meth:`materialize` runs. If the body raises, the store is
+        cleared (the failed step's partial sum must not reach the next step) and the
+        exception propagates. Backward passes that write ``p.grad`` without autograd's
+        AccumulateGrad (e.g. a pipeline schedule's separate weight-gradient step) do not fire
+        the hooks: call :meth:`accumulate` after them.
         """
+        expect_bool(materialize, "Int8GradStore.accumulating: materialize")
         if self._handles is not None:
             raise RuntimeError("Int8GradStore.accumulating() is already active")
         self._handles = [
@@ -315,6 +406,9 @@ class Int8GradStore:
         ]
         try:
             yield self
+        except BaseException:
+            self.clear()
+            raise
         finally:
             for h in self._handles:
                 h.remove()
@@ -325,7 +419,7 @@ class Int8GradStore:
     def _hook(self, index: int) -> None:
         # DDP decides at forward time whether the backward is reduced; its reducer's hook
         # runs after ours, so taking p.grad here would make DDP reduce zeros.
-        if self._ddp is not None and getattr(self._ddp, "require_forward_param_sync", False):
+        if self._ddp is not None and _ddp_sync_flag(self._ddp):
             raise RuntimeError(
                 "Int8GradStore.accumulating(): DDP synchronizes this backward (its forward "
                 "ran outside no_sync()), so the store must not take the gradients: leave the "
@@ -370,72 +464,180 @@ class Int8GradStore:
 
     # ------------------------------------------------------------ checkpointing
 
+    def _options(self) -> dict[str, Any]:
+        return {
+            "spec": _spec_dict(self.spec),
+            "compensation": self.compensation,
+            "residual_spec": None if self.residual_spec is None else _spec_dict(self.residual_spec),
+        }
+
+    def _template(self, index: int) -> dict[str, Any]:
+        """The entry of a parameter with nothing stored: zero tensors of the stored sizes."""
+        local = self._local_param(self.params[index])
+        n, dev = local.numel(), local.device
+        d: dict[str, Any] = {
+            "stored": False,
+            "payload": torch.zeros(self.spec.payload_nbytes(n), dtype=torch.uint8, device=dev),
+            "scales": torch.zeros(
+                -(-n // self.spec.block), dtype=self.spec.scale_dtype, device=dev
+            ),
+            "dtype": str(local.dtype).removeprefix("torch."),
+            "shape": list(local.shape),
+            "stride": list(torch.empty_like(local, device="meta").stride()),
+        }
+        p = self.params[index]
+        if local is not p:  # a DTensor parameter: its gradient is rebuilt as one
+            d["dtensor"] = {
+                "placements": list(p.placements),
+                "shape": list(p.shape),
+                "stride": list(p.stride()),
+            }
+        if self.residual_spec is not None:
+            rs = self.residual_spec
+            d["residual_payload"] = torch.zeros(rs.payload_nbytes(n), dtype=torch.uint8, device=dev)
+            d["residual_scales"] = torch.zeros(-(-n // rs.block), dtype=rs.scale_dtype, device=dev)
+        return d
+
     def state_dict(self) -> dict[str, Any]:
-        """Stored payloads and scales by parameter index, plus the rounding generators."""
-        slots = {}
-        for i, s in self._slots.items():
+        """Options and, under ``ranks[str(global rank)]``, every parameter's stored payload
+        and scales (keyed by FQN, or position for a parameter list) and the rounding
+        generators.
+
+        Tensors and primitives only, with the same keys and shapes whether or not anything
+        is stored (``stored`` says which): a fresh store's ``state_dict()`` is a complete
+        template for ``torch.distributed.checkpoint.load``. Per rank because the stored
+        gradients differ between ranks (DDP ``no_sync`` micro-batches), and DCP keeps one
+        copy of a tensor that every rank saves under the same key."""
+        slots: dict[str, Any] = {}
+        for i, name in enumerate(self.names):
+            s = self._slots.get(i)
+            if s is None:
+                slots[name] = self._template(i)
+                continue
             d: dict[str, Any] = {
+                "stored": True,
                 "payload": s.main.payload,
                 "scales": s.main.scales,
-                "dtype": s.dtype,
-                "shape": tuple(s.shape),
-                "stride": s.stride,
+                "dtype": str(s.dtype).removeprefix("torch."),
+                "shape": list(s.shape),
+                "stride": list(s.stride),
             }
             if s.residual is not None:
                 d["residual_payload"] = s.residual.payload
                 d["residual_scales"] = s.residual.scales
             if s.dist_meta is not None:
                 d["dtensor"] = {
-                    "placements": s.dist_meta.placements,
-                    "shape": tuple(s.dist_meta.shape),
-                    "stride": s.dist_meta.stride,
+                    "placements": list(s.dist_meta.placements),
+                    "shape": list(s.dist_meta.shape),
+                    "stride": list(s.dist_meta.stride),
                 }
-            slots[i] = d
+            slots[name] = d
+        rng = {str(dev): g.get_state() for dev, g in self._generators.items()}
         return {
-            "spec": _spec_dict(self.spec),
-            "compensation": self.compensation,
-            "residual_spec": None if self.residual_spec is None else _spec_dict(self.residual_spec),
-            "slots": slots,
-            "rng": {str(dev): g.get_state() for dev, g in self._generators.items()},
+            "version": _STATE_VERSION,
+            "options": self._options(),
+            "ranks": {str(_rank()): {"slots": slots, "rng": rng}},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (same parameters, same options)."""
-        mine = {
-            "spec": _spec_dict(self.spec),
-            "compensation": self.compensation,
-            "residual_spec": None if self.residual_spec is None else _spec_dict(self.residual_spec),
-        }
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"Int8GradStore.load_state_dict: {key} {state.get(key)!r} does not match "
-                    f"this store's {value!r}"
-                )
+        """Restore what :meth:`state_dict` returned; every option, key, size and dtype is
+        checked against this store first (ValueError saying what differs)."""
+        where = "Int8GradStore.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
+        missing = sorted({"version", "options", "ranks"} - set(state))
+        if missing:
+            raise ValueError(
+                f"{where}: the state lacks {missing} (expected what Int8GradStore.state_dict() "
+                "returns)"
+            )
+        unknown = sorted(set(state) - {"version", "options", "ranks"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}")
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(
+                f"{where}: state version {state['version']!r}, this agoq reads {_STATE_VERSION}"
+            )
+        opts = state["options"]
+        if not isinstance(opts, Mapping):
+            raise TypeError(f"{where}: 'options' must be a dict")
+        diffs = [
+            f"{k}: saved {opts.get(k)!r}, this store {v!r}"
+            for k, v in self._options().items()
+            if opts.get(k) != v
+        ]
+        if diffs or set(opts) != set(self._options()):
+            raise ValueError(f"{where}: options differ: " + "; ".join(diffs or [str(sorted(opts))]))
+        rank = str(_rank())
+        ranks = state["ranks"]
+        if not isinstance(ranks, Mapping) or rank not in ranks:
+            have = sorted(ranks) if isinstance(ranks, Mapping) else ranks
+            raise ValueError(f"{where}: the state holds ranks {have}, not this rank ({rank})")
+        mine = ranks[rank]
+        if not isinstance(mine, Mapping) or not {"slots", "rng"} <= set(mine):
+            raise ValueError(f"{where}: ranks[{rank!r}] must hold 'slots' and 'rng'")
+        saved = mine["slots"]
+        if not isinstance(saved, Mapping):
+            raise TypeError(f"{where}: 'slots' must be a dict")
+        if set(saved) != set(self.names):
+            extra = sorted(set(saved) - set(self.names))
+            lost = sorted(set(self.names) - set(saved))
+            raise ValueError(
+                f"{where}: parameter keys differ from this store's: unexpected {extra[:5]}, "
+                f"missing {lost[:5]}"
+            )
         slots: dict[int, _Slot] = {}
-        for i, d in state["slots"].items():
-            i = int(i)
-            if not 0 <= i < len(self.params):
-                raise ValueError(f"state holds parameter {i}; this store has {len(self.params)}")
+        for i, name in enumerate(self.names):
+            d = saved[name]
+            want = self._template(i)
+            for k in want:
+                if k not in d:
+                    raise ValueError(f"{where}: {name!r} lacks {k!r}")
+            if not isinstance(d["stored"], bool):
+                raise TypeError(f"{where}: {name!r}: 'stored' must be a bool")
+            for k, t in want.items():
+                if isinstance(t, torch.Tensor):
+                    got = d[k]
+                    if (
+                        not isinstance(got, torch.Tensor)
+                        or got.shape != t.shape
+                        or got.dtype != t.dtype
+                    ):
+                        desc = (
+                            (tuple(got.shape), got.dtype) if isinstance(got, torch.Tensor) else got
+                        )
+                        raise ValueError(
+                            f"{where}: {name!r} {k} is {desc}, this store needs "
+                            f"{(tuple(t.shape), t.dtype)} (different parameter or format?)"
+                        )
+            if list(d["shape"]) != want["shape"]:
+                raise ValueError(
+                    f"{where}: {name!r} was saved with shape {list(d['shape'])}, the parameter "
+                    f"(local) shape is {want['shape']}"
+                )
+            if not d["stored"]:
+                continue
             p = self.params[i]
-            shape = torch.Size(d["shape"])
-            numel = shape.numel()
             meta = None
-            if "dtensor" in d:
-                if _dtensor_type() is None or not isinstance(p, _dtensor_type()):
-                    raise TypeError(f"parameter {i} was a DTensor when saved but is not now")
+            is_dt = _dtensor_type() is not None and isinstance(p, _dtensor_type())
+            if ("dtensor" in d) != is_dt:
+                raise TypeError(
+                    f"{where}: {name!r} was {'' if 'dtensor' in d else 'not '}a DTensor when "
+                    f"saved and is {'' if is_dt else 'not '}one now"
+                )
+            if is_dt:
                 t = d["dtensor"]
                 meta = _DistMeta(
-                    p.device_mesh, tuple(t["placements"]), torch.Size(t["shape"]), t["stride"]
+                    p.device_mesh,
+                    tuple(t["placements"]),
+                    torch.Size(t["shape"]),
+                    tuple(t["stride"]),
                 )
-                device = p.to_local().device
-            else:
-                device = p.device
-            if numel != (p.to_local() if meta is not None else p).numel():
-                raise ValueError(
-                    f"parameter {i}: stored gradient has {numel} elements, parameter has "
-                    f"{p.numel()}"
-                )
+            dtype = getattr(torch, str(d["dtype"]), None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"{where}: {name!r} has an unknown gradient dtype {d['dtype']!r}")
+            device = self._local_param(p).device
+            numel = torch.Size(d["shape"]).numel()
             main = _flat_packed(d["payload"].to(device), d["scales"].to(device), self.spec, numel)
             residual = None
             if self.residual_spec is not None:
@@ -445,11 +647,17 @@ class Int8GradStore:
                     self.residual_spec,
                     numel,
                 )
-            slots[i] = _Slot(main, residual, d["dtype"], shape, tuple(d["stride"]), meta)
-        self._slots = slots
-        self._generators = {}
-        for dev, rng in state.get("rng", {}).items():
+            shape = torch.Size(d["shape"])
+            slots[i] = _Slot(main, residual, dtype, shape, tuple(d["stride"]), meta)
+        gens = {}
+        for dev, rng in dict(mine["rng"]).items():
             device = torch.device(dev)
             g = torch.Generator(device=device)
             g.set_state(rng)
-            self._generators[device] = g
+            gens[device] = g
+        self._slots = slots
+        self._generators = gens
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
