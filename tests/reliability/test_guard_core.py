@@ -35,6 +35,9 @@ def test_exported_from_package() -> None:
         ({"action": "ignore"}, ValueError, "action"),
         ({"action": None}, ValueError, "action"),
         ({"log": "stdout"}, TypeError, "log"),
+        ({"activation_threshold": 0}, ValueError, "activation_threshold"),
+        ({"activation_threshold": math.nan}, ValueError, "activation_threshold"),
+        ({"activation_threshold": "1"}, TypeError, "activation_threshold"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs: dict, exc: type[Exception], word: str) -> None:
@@ -49,6 +52,17 @@ def test_defaults_and_due() -> None:
     assert [s for s in range(10) if g.due(s)] == [0, 3, 6, 9]
     with pytest.raises(TypeError, match="counter"):
         g.due(True)
+
+
+def test_activation_names_have_their_own_threshold() -> None:
+    g = NumericsGuard(threshold=0.05, activation_threshold=0.5, action="raise")
+    assert g.threshold_for("grad/bucket0") == 0.05
+    assert g.threshold_for("activations/norm_input") == 0.5
+    assert g.observe("activations/norm_input", 0.3) is False  # 4-bit activations: normal
+    with pytest.raises(NumericsError, match="grad/bucket0"):
+        g.observe("grad/bucket0", 0.3)  # int8 gradients: far off
+    with pytest.raises(NumericsError, match="activations/attn_internals"):
+        g.observe("activations/attn_internals", 0.6)
 
 
 def test_below_threshold_does_nothing() -> None:
@@ -77,7 +91,7 @@ def test_fallback_warns_once_and_marks() -> None:
 
 
 def test_warn_action_never_switches() -> None:
-    g = NumericsGuard(threshold=0.1, action="warn")
+    g = NumericsGuard(threshold=0.1, action="warn", activation_threshold=0.1)
     for _ in range(2):
         with pytest.warns(RuntimeWarning, match="activations/attn"):
             assert g.observe("activations/attn", 0.3) is False
@@ -85,7 +99,7 @@ def test_warn_action_never_switches() -> None:
 
 
 def test_raise_action_names_everything() -> None:
-    g = NumericsGuard(threshold=0.1, action="raise")
+    g = NumericsGuard(threshold=0.1, action="raise", activation_threshold=0.1)
     with pytest.raises(NumericsError, match=r"activations/attn.*2\.500e-01.*0\.1"):
         g.observe("activations/attn", 0.25, step=3)
     assert g.history["activations/attn"] == [(3, 0.25)]
