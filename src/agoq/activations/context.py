@@ -1,121 +1,60 @@
 """quantize_activations(plan): store tensors saved for backward in the plan's formats.
 
-The context installs, while active:
+A thin shell over the pieces: while active, the context installs
 
-* a ``saved_tensors_hooks`` pair: pack stores each saved floating activation as the plan
-  says (quantized, kept, or as a recipe to rebuild it), unpack rebuilds it;
-* global module forward hooks, so pack knows which module (FQN, kind) is saving;
-* a TorchFunctionMode recording recipes for cheap ops (see :mod:`.recompute`).
+* the saved-tensor hook pair (:mod:`.hooks`): pack hands each saved tensor to
+  :meth:`ActivationContext._pack`, which stores it as the plan says and returns a handle
+  (:mod:`.store`) that unpack turns back into a tensor;
+* module tracking (:mod:`.classify`), so pack knows which module (FQN, kind) saves;
+* a TorchFunctionMode recording recipes for cheap ops (:mod:`.recompute`).
 
-Design rules: parameters, buffers and views of them are never touched; a tensor saved
-several times is stored once (dedupe keyed on weak references, never on ``data_ptr``);
-unpack never frees anything, so it can run any number of times (``retain_graph``,
-zero-bubble split backward); memory is released when autograd drops the saved slot.
+Rules: parameters, buffers and views of them are kept; copies of parameters (autocast's
+weight casts) are rebuilt from the parameter, never quantized; a tensor saved several
+times at the same version is stored once; every handle checks at unpack that what it
+came from was not modified in place; nothing is held once autograd frees the graph.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..memory import MemoryReport
-from ..quant import Packed, QuantSpec, dequantize, quantize
-from .compiled import ACTIVE, hook_pair, pop_active, push_active
+from ..quant import QuantSpec, quantize
+from .classify import ModuleTracker, parameter_source
+from .hooks import hook_pair, pop_active, push_active
 from .plan import ActivationPlan
 from .recompute import RecipeMode, Recipes
+from .store import (
+    Expanded,
+    FromParameter,
+    Handle,
+    Kept,
+    Quantized,
+    Recipe,
+    SaveTable,
+    View,
+    compact,
+)
 
-# ------------------------------------------------------------------- stored handles
-
-
-class _Handle:
-    """Something unpack can turn back into a tensor (any number of times)."""
-
-    __slots__ = ("_last", "__weakref__")
-
-    def __init__(self) -> None:
-        self._last: weakref.ref | None = None
-
-    def get(self) -> torch.Tensor:
-        # Several GEMMs unpack the same stored tensor back to back: reuse the rebuilt tensor
-        # while a previous unpack still holds it, never keep it alive ourselves.
-        last = self._last() if self._last is not None else None
-        if last is not None:
-            return last
-        out = self._build()
-        self._last = weakref.ref(out)
-        return out
-
-    def _build(self) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _Quantized(_Handle):
-    __slots__ = ("packed",)
-
-    def __init__(self, packed: Packed) -> None:
-        super().__init__()
-        self.packed = packed
-
-    def _build(self) -> torch.Tensor:
-        return dequantize(self.packed)
-
-
-class _Kept(_Handle):
-    __slots__ = ("tensor",)
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        super().__init__()
-        self.tensor = tensor
-
-    def get(self) -> torch.Tensor:
-        return self.tensor
-
-
-class _Recipe(_Handle):
-    __slots__ = ("fn", "args")
-
-    def __init__(self, fn: Callable, args: list) -> None:
-        super().__init__()
-        self.fn = fn
-        self.args = args
-
-    def _build(self) -> torch.Tensor:
-        with torch.no_grad():
-            return self.fn(*[a.get() if isinstance(a, _Handle) else a for a in self.args])
-
-
-class _View(_Handle):
-    """A view (e.g. the 2-D reshape a Linear saves) of a stored base tensor."""
-
-    __slots__ = ("base", "size", "stride", "offset")
-
-    def __init__(self, base: _Handle, t: torch.Tensor, base_t: torch.Tensor) -> None:
-        super().__init__()
-        self.base = base
-        self.size = t.size()
-        self.stride = t.stride()
-        self.offset = t.storage_offset() - base_t.storage_offset()
-
-    def get(self) -> torch.Tensor:
-        return self.base.get().as_strided(self.size, self.stride, self.offset)
+# dtypes the codec stores; anything else (float64, complex, ints) is kept untouched.
+_CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_RECIPE_DEPTH = 16
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-# -------------------------------------------------------------------- the context
-
-
 class ActivationContext:
     """The object ``quantize_activations(plan)`` returns; use it as a context manager.
 
-    ``report`` accumulates a :class:`~agoq.memory.MemoryReport` over every forward run
-    inside the context (``report.clear()`` to start over).
+    The same context may be entered every step. ``report`` accumulates a
+    :class:`~agoq.memory.MemoryReport` over every forward run inside the context
+    (``report.clear()`` to start over). ``plan`` may be replaced between entries (e.g. by
+    :class:`agoq.NumericsGuard` switching a kind to full precision).
     """
 
     def __init__(self, plan: ActivationPlan | None = None) -> None:
@@ -127,17 +66,11 @@ class ActivationContext:
             )
         self.plan = plan
         self.report = MemoryReport()
-        self._stack: list[nn.Module] = []
-        self._info: weakref.WeakKeyDictionary[nn.Module, tuple[str, str | None, str | None]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        self._statics: dict[int, tuple[weakref.ref]] = {}
-        self._producers: dict[int, tuple[weakref.ref, str]] = {}
-        self._cache: dict[int, tuple[weakref.ref, _Handle | None]] = {}
+        self._tracker = ModuleTracker(plan)
+        self._table = SaveTable()
         self._recipes = Recipes()
         self._handles: list[Any] = []
-        self._active = 0
+        self._active = False
         self._pair: tuple = ()
 
     # ----------------------------------------------------------- enter / exit
@@ -145,7 +78,11 @@ class ActivationContext:
     def __enter__(self) -> ActivationContext:
         if self._active:
             raise RuntimeError("this quantize_activations context is already active")
-        _install_module_hooks()
+        if not isinstance(self.plan, ActivationPlan):
+            raise TypeError(f"ActivationContext.plan must be an ActivationPlan, got {self.plan!r}")
+        self._active = True
+        self._tracker.set_plan(self.plan)
+        self._tracker.stack.clear()
         self._pair = hook_pair(self.plan)
         hooks = torch.autograd.graph.saved_tensors_hooks(*self._pair)
         hooks.__enter__()
@@ -159,19 +96,15 @@ class ActivationContext:
             mode = RecipeMode(self._recipes, self._hooks_on_top)
             mode.__enter__()
             self._handles.append(mode)
-        self._active = 1
         return self
 
     def __exit__(self, *exc: object) -> None:
         handles, self._handles = self._handles, []
         for h in reversed(handles):
-            if hasattr(h, "remove"):
-                h.remove()
-            else:
-                h.__exit__(*exc)
+            h.__exit__(*exc)
         pop_active(self)
-        self._stack.clear()
-        self._active = 0
+        self._tracker.stack.clear()
+        self._active = False
 
     def _hooks_on_top(self) -> bool:
         """False inside someone else's saved-tensor hooks (e.g. activation checkpointing),
@@ -179,94 +112,23 @@ class ActivationContext:
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
         return top is not None and top[0] is self._pair[0]
 
-    # ------------------------------------------------------------ module stack
+    # ------------------------------------------------------------ pack helpers
 
-    def _pre_hook(self, module: nn.Module, args: Any) -> None:
-        if not self._stack and module not in self._roots:
-            self._register_root(module)
-        self._stack.append(module)
-
-    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        while self._stack:
-            if self._stack.pop() is module:
-                break
-        info = self._info.get(module)
-        if info is not None and info[2] is not None and isinstance(output, torch.Tensor):
-            key = id(output)
-            self._producers[key] = (
-                weakref.ref(output, self._forget(self._producers, key)),
-                info[2],
-            )
-
-    def _register_root(self, root: nn.Module) -> None:
-        self._roots.add(root)
-        for fqn, m in root.named_modules():
-            if m not in self._info:
-                self._info[m] = (fqn, self.plan.kind_of(fqn, m), self.plan.producer_kind(fqn, m))
-        for t in list(root.parameters()) + list(root.buffers()):
-            self._statics[id(t)] = (weakref.ref(t, self._forget(self._statics, id(t))),)
-
-    def _where(self) -> tuple[str, str]:
-        """(FQN, kind) of the innermost module with a kind on the stack."""
-        fqn = None
-        for m in reversed(self._stack):
-            info = self._info.get(m)
-            if info is None:
-                info = (type(m).__name__, self.plan.kind_of(type(m).__name__, m), None)
-                self._info[m] = info
-            if fqn is None:
-                fqn = info[0]
-            if info[1] is not None:
-                return info[0], info[1]
-        return (fqn if fqn is not None else "<no module>"), "other"
-
-    @staticmethod
-    def _forget(table: dict, key: int) -> Callable[[weakref.ref], None]:
-        def drop(wr: weakref.ref) -> None:
-            entry = table.get(key)
-            if entry is not None and entry[0] is wr:
-                del table[key]
-
-        return drop
-
-    # ------------------------------------------------------------ pack / unpack
-
-    def _is_static(self, t: torch.Tensor) -> bool:
-        if isinstance(t, nn.Parameter):
-            return True
-        base = t._base
-        if base is not None and isinstance(base, nn.Parameter):
-            return True
-        key = base if base is not None else t
-        entry = self._statics.get(id(key))
-        return entry is not None and entry[0]() is key
-
-    def _lookup(self, t: torch.Tensor) -> tuple[bool, _Handle | None]:
-        entry = self._cache.get(id(t))
-        if entry is None or entry[0]() is not t:
-            return False, None
-        return True, entry[1]
-
-    def _remember(self, t: torch.Tensor, handle: _Handle | None) -> None:
-        key = id(t)
-        self._cache[key] = (weakref.ref(t, self._forget(self._cache, key)), handle)
-
-    def _input_handle(self, a: torch.Tensor, depth: int) -> _Handle | None:
-        if self._is_static(a):
-            return _Kept(a)
+    def _input_handle(self, a: torch.Tensor, depth: int) -> Handle | None:
+        """A handle for a recipe's input ``a``, or None when it cannot be had for free."""
+        if self._tracker.is_static(a):
+            return Kept(a)
         base = a._base if a._base is not None else a
-        found, handle = self._lookup(base)
-        if found:
-            handle = handle if handle is not None else _Kept(base)
-        else:
+        handle = self._table.get(base)
+        if handle is None:
             handle = self._recipe_handle(base, depth + 1)
             if handle is None:
                 return None
-        return handle if a is base else _View(handle, a, base)
+        return handle if a is base else View(handle, a, base)
 
-    def _recipe_handle(self, t: torch.Tensor, depth: int = 0) -> _Handle | None:
+    def _recipe_handle(self, t: torch.Tensor, depth: int = 0) -> Handle | None:
         rec = self._recipes.get(t)
-        if rec is None or depth > 16:
+        if rec is None or depth > _MAX_RECIPE_DEPTH:
             return None
         fn, args = rec
         resolved: list = []
@@ -278,89 +140,80 @@ class ActivationContext:
                 resolved.append(h)
             else:
                 resolved.append(a)
-        return _Recipe(fn, resolved)
+        return Recipe(fn, resolved, t)
+
+    def _derived_handle(self, t: torch.Tensor) -> Handle | None:
+        """A handle for a copy of a parameter (or any leaf), which is never quantized."""
+        leaf, exact = parameter_source(t)
+        if leaf is None:
+            if t.grad_fn is None and not t.requires_grad:
+                src = self._tracker.frozen_source(t)
+                if src is not None:
+                    return FromParameter(src, t)
+            return None
+        if exact:
+            return FromParameter(leaf, t)
+        return Kept(t) if self._tracker.is_static(leaf) else None
+
+    # ------------------------------------------------------------ pack
 
     def _pack(self, t: torch.Tensor) -> Any:
-        if not t.is_floating_point() or t.is_complex() or self._is_static(t):
-            return t
+        tracker = self._tracker
+        if tracker.is_static(t):
+            return Kept(t)
+        if t.dtype not in _CODEC_DTYPES:
+            return Kept(t)  # float64, complex, integer and bool saves stay exact
         base = t._base
         key = base if base is not None and base.numel() == t.numel() else t
-        fqn, kind = self._where()
-        prod = self._producers.get(id(key))
-        if prod is not None and prod[0]() is key:
-            kind = prod[1]
+        fqn, kind = tracker.where()
+        prod = tracker.producer(key)
+        if prod is not None:
+            kind = prod
+        handle = self._table.get(key)
+        if handle is not None:
+            self.report.record(fqn, kind, "dedup", 0, 0, 0)
+            return handle if key is t else View(handle, t, key)
+
+        handle = self._derived_handle(key)
+        if handle is not None:
+            mode, stored = "rebuilt", 0
+        else:
+            handle, mode, stored = self._store(key, kind)
+        self._table.put(key, handle)
+        self.report.record(fqn, kind, mode, key.numel(), _nbytes(key), stored)
+        if stored:
+            self.report.hold(stored)
+            # Released when autograd drops the handle (with the graph), not when the
+            # tensor dies: a tensor that outlives the step is not held on our account.
+            weakref.finalize(handle, self.report.release, stored)
+        return handle if key is t else View(handle, t, key)
+
+    def _store(self, key: torch.Tensor, kind: str) -> tuple[Handle, str, int]:
+        """Store ``key`` as its kind's action says: (handle, mode, stored bytes)."""
         plan = self.plan
         action = plan.action(kind)
-        found, handle = self._lookup(key)
-        if found:
-            self.report.record(fqn, kind, "dedup", 0, 0, 0)
-            if handle is None:
-                return t
-            return handle if key is t else _View(handle, t, key)
-
-        if t.numel() < plan.min_numel or action == "keep":
-            self._keep(key, fqn, kind)
-            return t
-        handle = self._recipe_handle(key) if plan.recompute else None
-        if handle is not None:
-            mode, stored = "recomputed", 0
-        else:
-            spec = action if isinstance(action, QuantSpec) else plan.fallback
-            if not isinstance(spec, QuantSpec):
-                self._keep(key, fqn, kind)
-                return t
-            packed = quantize(key, spec)
-            handle, mode, stored = _Quantized(packed), "quantized", packed.nbytes
-        self._remember(key, handle)
-        self.report.record(fqn, kind, mode, key.numel(), _nbytes(key), stored)
-        self._hold(handle, stored)
-        return handle if key is t else _View(handle, t, key)
-
-    def _keep(self, key: torch.Tensor, fqn: str, kind: str) -> None:
-        self._remember(key, None)
-        self.report.record(fqn, kind, "kept", key.numel(), _nbytes(key), _nbytes(key))
-        self._hold(key, _nbytes(key))
-
-    def _hold(self, owner: object, nbytes: int) -> None:
-        if nbytes:
-            self.report.hold(nbytes)
-            weakref.finalize(owner, self.report.release, nbytes)
-
-
-_MODULE_HOOKS: list = []
-
-
-def _global_pre_hook(module: nn.Module, args: Any) -> None:
-    # Checked first so dynamo folds the hook away inside compiled regions (no guard on the
-    # active contexts, no recompilation when a new context is entered).
-    if torch.compiler.is_compiling() or not ACTIVE:
-        return
-    ACTIVE[-1]._pre_hook(module, args)
-
-
-def _global_post_hook(module: nn.Module, args: Any, output: Any) -> None:
-    if torch.compiler.is_compiling() or not ACTIVE:
-        return
-    ACTIVE[-1]._post_hook(module, args, output)
-
-
-def _install_module_hooks() -> None:
-    """Register the global module hooks once per process: dynamo guards on the keys of the
-    global hook dicts, so re-registering per context would recompile every compiled region.
-    With no active context each hook is a check of an empty list."""
-    if not _MODULE_HOOKS:
-        from torch.nn.modules import module as nn_module
-
-        _MODULE_HOOKS.append(nn_module.register_module_forward_pre_hook(_global_pre_hook))
-        _MODULE_HOOKS.append(
-            nn_module.register_module_forward_hook(_global_post_hook, always_call=True)
-        )
+        if key.numel() < plan.min_numel or action == "keep":
+            return Kept(key), "kept", _nbytes(key)
+        if plan.recompute:
+            handle = self._recipe_handle(key)
+            if handle is not None:
+                return handle, "recomputed", 0
+        spec = action if isinstance(action, QuantSpec) else plan.fallback
+        if not isinstance(spec, QuantSpec):
+            return Kept(key), "kept", _nbytes(key)
+        dense = compact(key)
+        if dense is not None:  # a broadcast: store its distinct elements only
+            packed = quantize(dense, spec)
+            return Expanded(Quantized(packed, key), key.shape), "quantized", packed.nbytes
+        packed = quantize(key, spec)
+        return Quantized(packed, key), "quantized", packed.nbytes
 
 
 def quantize_activations(plan: ActivationPlan | None = None) -> ActivationContext:
     """Store tensors saved for backward as ``plan`` says (default: the paper's plan).
 
     Use as ``with agoq.quantize_activations(plan) as ctx: loss = model(x)``; backward may
-    run inside or after the block. ``ctx.report`` holds the exact byte accounting.
+    run inside or after the block, and the same context may be entered every step.
+    ``ctx.report`` holds the exact byte accounting.
     """
     return ActivationContext(plan)

@@ -1,6 +1,6 @@
-"""The saved-tensor hook pair, built as ``torch.fx.GraphModule``s so torch.compile inlines it.
+"""The hooks: the saved-tensor pair (eager and compiled) and the module hooks.
 
-Autograd calls a hook pair that is a GraphModule like any callable, so in eager mode the
+The pair is built as ``torch.fx.GraphModule``s so torch.compile inlines it. Autograd calls a hook pair that is a GraphModule like any callable, so in eager mode the
 wrapped leaf functions below run plain Python: they hand the tensor to the innermost active
 :class:`~agoq.activations.context.ActivationContext`. When AOTAutograd compiles a region
 while the context is active, it *inlines* GraphModule hooks into the compiled forward and
@@ -21,6 +21,7 @@ would recompile every region.
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import torch
@@ -36,7 +37,10 @@ except ImportError:  # pragma: no cover - other torch versions: no per-node info
         return None
 
 
-ACTIVE: list[Any] = []  # active ActivationContexts, innermost last
+# Active ActivationContexts of the calling thread, innermost last. Per thread: a forward
+# running in another thread (an eval model, a data worker) must not reach this thread's
+# context, and saved-tensor hooks are thread-local in torch too.
+_LOCAL = threading.local()
 _PLANS: dict[str, ActivationPlan] = {}
 _PAIRS: dict[str, tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = {}
 
@@ -57,17 +61,61 @@ _VIEWS = {
 }
 
 
+def active() -> list[Any]:
+    """The calling thread's active contexts, innermost last."""
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
+
+
 def push_active(ctx: Any) -> None:
-    """Make ``ctx`` the context eager packs go to."""
-    ACTIVE.append(ctx)
+    """Make ``ctx`` the context this thread's eager packs and module hooks go to."""
+    active().append(ctx)
+    _install_module_hooks()
 
 
 def pop_active(ctx: Any) -> None:
-    """Remove ``ctx`` from the active contexts."""
-    for i in range(len(ACTIVE) - 1, -1, -1):
-        if ACTIVE[i] is ctx:
-            del ACTIVE[i]
+    """Remove ``ctx`` from this thread's active contexts."""
+    stack = active()
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is ctx:
+            del stack[i]
             return
+
+
+_MODULE_HOOKS: list = []
+
+
+def _global_pre_hook(module: torch.nn.Module, args: Any) -> None:
+    # is_compiling() first, so dynamo folds the hook away inside compiled regions (no
+    # guard on the active contexts, no recompilation when a new context is entered).
+    if torch.compiler.is_compiling():
+        return
+    stack = getattr(_LOCAL, "stack", None)
+    if stack:
+        stack[-1]._tracker.pre(module)
+
+
+def _global_post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
+    stack = getattr(_LOCAL, "stack", None)
+    if stack:
+        stack[-1]._tracker.post(module, output)
+
+
+def _install_module_hooks() -> None:
+    """Register the global module hooks once per process: dynamo guards on the keys of the
+    global hook dicts, so re-registering per context would recompile every compiled region.
+    With no active context in the calling thread each hook is one attribute lookup."""
+    if not _MODULE_HOOKS:
+        from torch.nn.modules import module as nn_module
+
+        _MODULE_HOOKS.append(nn_module.register_module_forward_pre_hook(_global_pre_hook))
+        _MODULE_HOOKS.append(
+            nn_module.register_module_forward_hook(_global_post_hook, always_call=True)
+        )
 
 
 def _is_attention_op(target: Any) -> bool:
@@ -141,9 +189,10 @@ def agoq_pack(x: torch.Tensor, key: str) -> Any:
     """Pack leaf: eager -> the active context; compile -> traceable codec ops."""
     aot = _get_saved_tensor_hook_context()
     if aot is None:
-        if not ACTIVE:  # the hooks outlived their context (should not happen): keep
+        stack = getattr(_LOCAL, "stack", None)
+        if not stack:  # e.g. an autograd worker thread in a create_graph backward: keep
             return x
-        return ACTIVE[-1]._pack(x)
+        return stack[-1]._pack(x)
     spec = compiled_spec(x, aot.get("_node"), aot.get("_bw_graph"), _PLANS[key])
     if spec is None:
         return x

@@ -67,10 +67,13 @@ _MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul_
 
 
 class Recipes:
-    """Weakly keyed registry: output tensor -> (function, args) that rebuilds it."""
+    """Weakly keyed registry: output tensor -> (function, args) that rebuilds it.
+
+    A recipe holds only while the output and every tensor input are at the version they
+    had when the op ran: an in-place change of either makes the rebuild wrong."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, Callable, tuple]] = {}
+        self._entries: dict[int, tuple[weakref.ref, int, Callable, tuple, tuple]] = {}
 
     def add(self, out: torch.Tensor, fn: Callable, args: tuple) -> None:
         """Record that ``out == fn(*args)``."""
@@ -81,14 +84,20 @@ class Recipes:
             if entry is not None and entry[0] is wr:
                 del self._entries[key]
 
-        self._entries[key] = (weakref.ref(out, drop), fn, args)
+        versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
+        self._entries[key] = (weakref.ref(out, drop), out._version, fn, args, versions)
 
     def get(self, t: torch.Tensor) -> tuple[Callable, tuple] | None:
-        """The recipe of ``t`` if one was recorded for this very tensor."""
+        """The recipe of ``t`` if one was recorded for this very tensor and nothing it
+        depends on changed since."""
         entry = self._entries.get(id(t))
-        if entry is None or entry[0]() is not t:
+        if entry is None or entry[0]() is not t or entry[1] != t._version:
             return None
-        return entry[1], entry[2]
+        _, _, fn, args, versions = entry
+        for a, v in zip(args, versions, strict=True):
+            if v is not None and a._version != v:
+                return None
+        return fn, args
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,0 +1,209 @@
+"""Handles for saved tensors: what the pack hook hands autograd, and unpack turns back.
+
+Every handle checks at unpack that the tensors it depends on were not modified in place
+since they were saved. PyTorch skips its own saved-version check whenever saved-tensor
+hooks are active, so without this an in-place edit after the save would silently change
+the gradient. The message is autograd's own, so users see the error they know.
+
+A quantized handle holds only a weak reference to the original tensor: while the original
+is alive its version is checked; once it is gone nothing can modify it any more, and the
+stored copy holds the values it had when it was saved, which is what the forward used.
+
+Nothing here keeps a saved tensor alive longer than autograd keeps its handle, and unpack
+never frees anything, so it can run any number of times (``retain_graph``, zero-bubble).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..quant import Packed, dequantize
+
+
+def inplace_error(t: torch.Tensor, saved: int) -> RuntimeError:
+    """The error autograd raises when a saved tensor was modified in place."""
+    return RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an "
+        f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+        f"expected version {saved} instead. (Detected by agoq: PyTorch skips its own check "
+        "while saved-tensor hooks are active.) Hint: do not modify a tensor in place after "
+        "an operation saved it for backward, or clone it first."
+    )
+
+
+def _check(t: torch.Tensor | None, version: int) -> None:
+    if t is not None and t._version != version:
+        raise inplace_error(t, version)
+
+
+class Handle:
+    """Something unpack turns back into a tensor (any number of times)."""
+
+    __slots__ = ("__weakref__",)
+
+    def get(self) -> torch.Tensor:
+        """The saved tensor's value; raises if a tensor it came from changed in place."""
+        raise NotImplementedError
+
+
+class Kept(Handle):
+    """A tensor stored untouched (held strongly, as autograd would)."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+
+    def get(self) -> torch.Tensor:  # noqa: D102
+        _check(self.tensor, self.version)
+        return self.tensor
+
+
+class _Built(Handle):
+    """A handle whose tensor is rebuilt at unpack; reuses the rebuilt tensor while a
+    previous unpack still holds it (several GEMMs unpack the same input back to back)."""
+
+    __slots__ = ("_last", "_source", "_version")
+
+    def __init__(self, source: torch.Tensor | None) -> None:
+        self._last: weakref.ref | None = None
+        self._source = weakref.ref(source) if source is not None else None
+        self._version = source._version if source is not None else 0
+
+    def get(self) -> torch.Tensor:  # noqa: D102
+        if self._source is not None:
+            _check(self._source(), self._version)
+        last = self._last() if self._last is not None else None
+        if last is not None and last._version == 0:
+            return last
+        out = self._build()
+        self._last = weakref.ref(out)
+        return out
+
+    def _build(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Quantized(_Built):
+    """A tensor stored through the codec."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: Packed, source: torch.Tensor) -> None:
+        super().__init__(source)
+        self.packed = packed
+
+    def _build(self) -> torch.Tensor:
+        return dequantize(self.packed)
+
+
+class Recipe(_Built):
+    """A cheap op's output rebuilt from its (stored) inputs: ``fn(*args)``."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable, args: list, source: torch.Tensor) -> None:
+        super().__init__(source)
+        self.fn = fn
+        self.args = args
+
+    def _build(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.fn(*[a.get() if isinstance(a, Handle) else a for a in self.args])
+
+
+class FromParameter(_Built):
+    """A copy of a parameter (autocast's cast, a view of it): stores nothing and rebuilds
+    it exactly from the parameter, whose version is checked like a saved tensor's."""
+
+    __slots__ = ("param", "param_version", "dtype", "size", "stride", "offset")
+
+    def __init__(self, param: torch.Tensor, t: torch.Tensor) -> None:
+        super().__init__(t)
+        self.param = param
+        self.param_version = param._version
+        self.dtype = t.dtype
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+
+    def _build(self) -> torch.Tensor:
+        _check(self.param, self.param_version)
+        with torch.no_grad():
+            base = self.param.detach().to(self.dtype, copy=True)
+        return base.as_strided(self.size, self.stride, self.offset)
+
+
+class View(Handle):
+    """A view (e.g. the 2-D reshape a Linear saves) of a stored base tensor."""
+
+    __slots__ = ("base", "size", "stride", "offset")
+
+    def __init__(self, base: Handle, t: torch.Tensor, base_t: torch.Tensor) -> None:
+        self.base = base
+        self.size = t.size()
+        self.stride = t.stride()
+        self.offset = t.storage_offset() - base_t.storage_offset()
+
+    def get(self) -> torch.Tensor:  # noqa: D102
+        return self.base.get().as_strided(self.size, self.stride, self.offset)
+
+
+class Expanded(Handle):
+    """A broadcast (stride-0) tensor: its distinct elements are stored, then expanded."""
+
+    __slots__ = ("base", "size")
+
+    def __init__(self, base: Handle, size: torch.Size) -> None:
+        self.base = base
+        self.size = size
+
+    def get(self) -> torch.Tensor:  # noqa: D102
+        return self.base.get().expand(self.size)
+
+
+def compact(t: torch.Tensor) -> torch.Tensor | None:
+    """The distinct elements of an expanded tensor (size 1 where the stride is 0), or None
+    when ``t`` has no stride-0 dimension of size > 1."""
+    idx: list[Any] = [slice(None)] * t.dim()
+    found = False
+    for d, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            idx[d] = slice(0, 1)
+            found = True
+    return t[tuple(idx)] if found else None
+
+
+class SaveTable:
+    """Tensors already stored in this context: tensor -> handle, keyed by the tensor's
+    identity *and* its version, holding neither strongly. A tensor that lives across steps
+    (a persistent buffer refilled in place) is therefore stored anew once it changed, and
+    an entry dies with the graph that holds its handle."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
+
+    def get(self, t: torch.Tensor) -> Handle | None:
+        """The live handle stored for this very tensor at its current version."""
+        entry = self._entries.get(id(t))
+        if entry is None or entry[0]() is not t or entry[1] != t._version:
+            return None
+        return entry[2]()
+
+    def put(self, t: torch.Tensor, handle: Handle) -> None:
+        """Remember that ``t`` (at its current version) is stored as ``handle``."""
+        key = id(t)
+        entries = self._entries
+
+        def drop(wr: weakref.ref, key: int = key) -> None:
+            entry = entries.get(key)
+            if entry is not None and (entry[0] is wr or entry[2] is wr):
+                del entries[key]
+
+        entries[key] = (weakref.ref(t, drop), t._version, weakref.ref(handle, drop))
+
+    def __len__(self) -> int:
+        return len(self._entries)
