@@ -146,17 +146,47 @@ class MemoryReport:
         return self.table()
 
 
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: a wrapper subclass (a DTensor, FSDP2's sharded
+    parameters) has no storage of its own, its inner tensors do."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    attrs, _ = t.__tensor_flatten__()
+    inners = [getattr(t, a) for a in attrs]
+    return [p for inner in inners if isinstance(inner, torch.Tensor) for p in _plain_tensors(inner)]
+
+
+def _held_storages(t: torch.Tensor) -> list[tuple[int, int]]:
+    """(data pointer, bytes) of each storage behind ``t`` that holds memory now. A storage
+    resized to 0 (FSDP2's unsharded parameters after ``reshard_after_forward``) holds
+    nothing, and its pointer identifies nothing."""
+    out = []
+    for plain in _plain_tensors(t):
+        storage = plain.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes:
+            out.append((storage.data_ptr(), nbytes))
+    return out
+
+
 def compiled_saved_bytes(output: torch.Tensor, model: torch.nn.Module | None = None) -> int:
     """Bytes the ``torch.compile``d regions of ``output``'s autograd graph hold for backward.
 
-    Parameters and buffers of ``model`` are excluded (they live anyway). Use it to see what
-    compiled regions store: with agoq's hooks inlined, no Python hook runs at run time, so
-    the context's report cannot count these saves. (Reads the compiled autograd nodes'
-    saved tensors directly; torch's MemTracker cannot run around fullgraph-compiled code.)
+    Parameters and buffers of ``model`` are excluded (they live anyway), in whatever form
+    they are at the time of the call: plain, DTensor shards, or FSDP2's unsharded copies
+    (freed after forward with ``reshard_after_forward``, so they count 0 bytes). Use it to
+    see what compiled regions store: with agoq's hooks inlined, no Python hook runs at run
+    time, so the context's report cannot count these saves. (Reads the compiled autograd
+    nodes' saved tensors directly; torch's MemTracker cannot run around fullgraph-compiled
+    code.)
     """
     statics: set[int] = set()
     if model is not None:
-        statics = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        statics = {
+            ptr for t in [*model.parameters(), *model.buffers()] for ptr, _ in _held_storages(t)
+        }
     seen: set = set()
     storages: set[int] = set()
     todo = [output.grad_fn]
@@ -168,9 +198,9 @@ def compiled_saved_bytes(output: torch.Tensor, model: torch.nn.Module | None = N
         seen.add(node)
         if "CompiledFunction" in type(node).__name__:
             for t in node.saved_tensors:
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in statics and ptr not in storages:
-                    storages.add(ptr)
-                    total += t.untyped_storage().nbytes()
+                for ptr, nbytes in _held_storages(t):
+                    if ptr not in statics and ptr not in storages:
+                        storages.add(ptr)
+                        total += nbytes
         todo.extend(f for f, _ in node.next_functions)
     return total
