@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from ._validate import ConfigTypeError, describe, expect_float, expect_int
 from .activations import ActivationContext, ActivationPlan, quantize_activations
 from .data import VOCAB_SIZE, sample, split, text_tokens
+from .guard import NumericsGuard
 from .models.llama import PRESETS, build
 from .quant import QuantSpec
 
@@ -81,6 +83,8 @@ class TrainConfig:
     world_size: int = 1
     eval_batches: int = 8
     timeout: float | None = None  # seconds for a world_size=2 run; None: sized from steps
+    # agoq.NumericsGuard period in steps (activations; int8 gradients too); 0 = off
+    numerics_check_every: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid option (``ConfigTypeError``, which
@@ -138,6 +142,7 @@ class TrainConfig:
         expect_float(self.grad_clip, "grad_clip", low=0.0, low_open=True)
         if self.timeout is not None:
             expect_float(self.timeout, "timeout", low=0.0, low_open=True)
+        expect_int(self.numerics_check_every, "numerics_check_every", low=0)  # 0 = off
         if not isinstance(self.device, str):
             raise ConfigTypeError(f"device: expected a string, got {describe(self.device)}")
         try:
@@ -180,6 +185,8 @@ class TrainResult:
     in one step: ``original`` (what plain PyTorch holds) and ``stored`` (what is held under
     the plan; equal to ``original`` for plan "none"), counted by the activation context.
     ``unit_bytes`` is U = local_batch * seq * dim * 2, one bf16 hidden state.
+    ``numerics``: the numerics guard's history (name -> [(step, relative error)]), empty
+    when ``numerics_check_every`` is 0.
     """
 
     config: dict[str, Any]
@@ -196,6 +203,7 @@ class TrainResult:
     wire_bytes_per_step: int | None = None
     cuda_max_allocated: int | None = None
     lrs: list[float] = field(default_factory=list)
+    numerics: dict[str, list[tuple[int | None, float]]] = field(default_factory=dict)
 
     @property
     def median_step_s(self) -> float:
@@ -256,12 +264,12 @@ def _layer_bytes(ctx: ActivationContext) -> dict[str, dict[str, int]]:
 class _WireCounter:
     """State of the counting DDP hook: the inner hook's state and the bytes sent."""
 
-    def __init__(self, grads: str, world: int) -> None:
+    def __init__(self, grads: str, world: int, guard: NumericsGuard | None = None) -> None:
         from .gradients import Int8AllReduceState
 
         self.grads = grads
         self.world = world
-        self.inner = Int8AllReduceState() if grads == "int8" else None
+        self.inner = Int8AllReduceState(guard=guard) if grads == "int8" else None
         self.bytes = 0
 
 
@@ -308,11 +316,13 @@ def _run(
     model.to(device)
     net: torch.nn.Module = model
     counter = None
+    every = cfg.numerics_check_every
+    guard = NumericsGuard(every=every) if every else None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model)
-        counter = _WireCounter(cfg.grads, world)
+        counter = _WireCounter(cfg.grads, world, guard)
         net.register_comm_hook(counter, _counting_hook)
 
     # torchtitan's AdamW defaults; the schedule is applied by hand each step.
@@ -347,6 +357,8 @@ def _run(
         with ctx if measure else nullcontext():
             loss = next_token_loss(net, tokens)
         loss.backward()
+        if guard is not None and plan is not None:  # on the inner module, not DDP's wrapper
+            guard.check_activations(step, ctx, model, partial(next_token_loss, model, tokens))
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -392,6 +404,7 @@ def _run(
             torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         ),
         lrs=lrs,
+        numerics=guard.history if guard is not None else {},
     )
 
 

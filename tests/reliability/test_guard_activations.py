@@ -239,3 +239,45 @@ def test_resumed_guard_reapplies_fallbacks() -> None:
     assert resumed.check_activations(1, ctx, model, lambda: 1 / 0) == {}
     assert ctx.plan.action("attn_internals") == "keep"
     assert ctx.plan.action("norm_input") == _bad_plan().action("norm_input")
+
+
+# ------------------------------------------------------------------ agoq.train
+
+TINY = dict(model="tiny", batch=4, seq=32, eval_batches=1)
+
+
+def test_train_config_runs_the_guard_without_changing_the_run() -> None:
+    from agoq.train import TrainConfig, train
+
+    base = train(TrainConfig(steps=3, plan="agoq", **TINY))
+    watched = train(TrainConfig(steps=3, plan="agoq", numerics_check_every=2, **TINY))
+    assert base.numerics == {}
+    assert [s for s, _ in watched.numerics["activations"]] == [0, 2]
+    assert all(0 < e < 0.5 for _, e in watched.numerics["activations"])
+    assert watched.losses == base.losses  # bitwise: the checks changed nothing
+    assert watched.eval_loss == base.eval_loss
+
+
+@pytest.mark.parametrize(
+    ("value", "exc"), [(-1, ValueError), (True, TypeError), (2.0, TypeError), ("10", TypeError)]
+)
+def test_train_config_refuses_bad_period(value: object, exc: type[Exception]) -> None:
+    from agoq.train import TrainConfig
+
+    with pytest.raises(exc, match="numerics_check_every"):
+        TrainConfig(numerics_check_every=value, **TINY).validate()  # type: ignore[arg-type]
+
+
+def test_train_two_ranks_int8_checks_activations_and_buckets() -> None:
+    from agoq.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        steps=2, plan="agoq", world_size=2, grads="int8", numerics_check_every=1, **TINY
+    )
+    result = train(cfg)
+    base = train(dataclasses.replace(cfg, numerics_check_every=0))
+    assert result.losses == base.losses  # DDP's reducer and the int8 hook undisturbed
+    assert [s for s, _ in result.numerics["activations"]] == [0, 1]
+    grads = {n: v for n, v in result.numerics.items() if n.startswith("grad/bucket")}
+    assert grads, result.numerics  # the DDP hook's state got the same guard
+    assert all(0 <= e < 0.05 for v in grads.values() for _, e in v)
