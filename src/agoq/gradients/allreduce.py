@@ -158,6 +158,28 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup |
     gather(out, inp, group=group)
 
 
+def verify_same_on_all_ranks(
+    what: str, fields: list[tuple[str, int]], group: dist.ProcessGroup | None, device: torch.device
+) -> None:
+    """All-gather ``fields`` (name, int) over ``group``; raise ValueError on every rank naming
+    the fields whose values differ between ranks."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([v for _, v in fields], dtype=torch.int64, device=device)
+    everyone = torch.empty(world * len(fields), dtype=torch.int64, device=device)
+    _all_gather(everyone, mine, group)
+    table = everyone.view(world, len(fields)).cpu()
+    bad = []
+    for j, (name, _) in enumerate(fields):
+        col = table[:, j].tolist()
+        if len(set(col)) > 1:
+            bad.append(f"{name}: " + ", ".join(f"rank {r}={v}" for r, v in enumerate(col)))
+    if bad:
+        raise ValueError(
+            f"agoq {what}: the ranks' settings differ, so their gradients cannot be reduced "
+            "together (configure every rank the same): " + "; ".join(bad)
+        )
+
+
 _ALIGN_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 

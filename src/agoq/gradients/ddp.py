@@ -23,11 +23,11 @@ from .._validate import expect_bool, expect_int, expect_str
 from ..quant import QuantSpec
 from .allreduce import (
     DEFAULT_SPEC,
-    _all_gather,
     check_grad_dtype,
     int8_all_reduce,
     int8_all_reduce_functional,
     relative_rms,
+    verify_same_on_all_ranks,
 )
 
 # Bump when the hook's collective sequence or math changes: ranks running different agoq
@@ -196,25 +196,12 @@ class Int8AllReduceState:
 
     def _verify(self, bucket: "dist.GradBucket") -> None:
         """Exchange the fingerprint once; raise on every rank if any field differs."""
-        fields = self._fingerprint(bucket)
-        world = dist.get_world_size(self.process_group)
-        mine = torch.tensor([v for _, v in fields], dtype=torch.int64)
-        # gloo and NCCL both gather CPU/GPU int64 tensors; keep it where the bucket lives.
-        mine = mine.to(bucket.buffer().device)
-        everyone = torch.empty(world * len(fields), dtype=torch.int64, device=mine.device)
-        _all_gather(everyone, mine, self.process_group)
-        table = everyone.view(world, len(fields)).cpu()
-        bad = []
-        for j, (name, _) in enumerate(fields):
-            col = table[:, j].tolist()
-            if len(set(col)) > 1:
-                bad.append(f"{name}: " + ", ".join(f"rank {r}={v}" for r, v in enumerate(col)))
-        if bad:
-            raise ValueError(
-                "agoq int8_allreduce: the ranks' Int8AllReduceState settings differ, so their "
-                "gradients cannot be reduced together (build the same state on every rank): "
-                + "; ".join(bad)
-            )
+        verify_same_on_all_ranks(
+            "int8_allreduce (Int8AllReduceState)",
+            self._fingerprint(bucket),
+            self.process_group,
+            bucket.buffer().device,
+        )
         self._verified = True
 
     # -------------------------------------------------------------- residuals

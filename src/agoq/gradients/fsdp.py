@@ -7,8 +7,9 @@ Two integration points, both public FSDP2 APIs (torch 2.13):
   reduce-scatter over the *shard* group: quantize the flat unsharded gradient once (int8,
   block-wise, fp32 scales; every shard, and with the module's layout every parameter inside
   a shard, starts a new block) -> ``all_to_all_single`` of payload and scales -> dequantize
-  the W received chunks and sum them in fp32, in rank order -> apply FSDP's reduce op (AVG,
-  SUM or PREMUL_SUM(factor)) in fp32 -> write the shard in ``reduce_dtype``. Each element is
+  the W received chunks, apply FSDP's reduce op's factor (AVG, SUM or PREMUL_SUM(factor)) to
+  each *before* the fp32 sum in rank order (so values near the fp32 maximum do not
+  overflow) -> write the shard in ``reduce_dtype``. Each element is
   quantized exactly once: a reduce-scatter has no all-gather stage, so nothing is
   requantized. A block holding NaN/Inf on any rank is NaN in the owner's shard (the codec
   poisons the whole block), so non-finite gradients are never hidden.
@@ -41,11 +42,14 @@ Not covered:
   FSDP refuses custom comms and hooks for them.
 
 Collectives are issued and waited for synchronously from the calling thread (gloo runs
-``Future`` callbacks on worker threads, where collectives can deadlock).
+``Future`` callbacks on worker threads, where collectives can deadlock). At its first call
+each comm and hook exchanges a fingerprint of its settings over its group (one small
+all_gather) and raises on every rank, naming the fields, if they differ. float64 is refused.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -55,9 +59,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
 
+from .._validate import expect_bool, expect_int
 from ..quant import QuantSpec
 from ..quant.codec import dequantize_flat_torch, quantize_flat_torch
-from .allreduce import int8_all_reduce
+from .allreduce import check_grad_dtype, int8_all_reduce, verify_same_on_all_ranks
 
 __all__ = [
     "Int8ReduceScatter",
@@ -71,13 +76,32 @@ __all__ = [
 _ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
 
 
+# Bump when the comm's collective sequence or math changes (ranks must agree on it).
+_PROTOCOL = 2
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
+
+
 def _spec(block: int) -> QuantSpec:
+    expect_int(block, "block")
     return QuantSpec(bits=8, format="int", block=block)
 
 
 def _check_min_numel(min_numel: int) -> None:
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
+
+
+def _check_segments(segments: Sequence[int] | None) -> None:
+    if segments is None:
+        return
+    if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
+        raise TypeError(f"segments must be a list of ints or None, got {type(segments).__name__}")
+    for x in segments:
+        expect_int(x, "segments[i] (elements per parameter)", low=0)
+
+
+def _crc(values: Sequence[int] | None) -> int:
+    return -1 if values is None else zlib.crc32(",".join(map(str, values)).encode())
 
 
 def reduce_op_scale(op: _ReduceOpLike, world: int) -> float | torch.Tensor | None:
@@ -108,13 +132,12 @@ def reduce_op_scale(op: _ReduceOpLike, world: int) -> float | torch.Tensor | Non
     )
 
 
-def _apply_scale(acc: torch.Tensor, scale: float | torch.Tensor | None) -> None:
+def _apply_scale(acc: torch.Tensor, scale: float | torch.Tensor | None) -> torch.Tensor:
     if scale is None:
-        return
+        return acc
     if isinstance(scale, torch.Tensor):
-        acc.mul_(scale.to(device=acc.device, dtype=acc.dtype))
-    elif scale != 1.0:
-        acc.mul_(scale)
+        return acc.mul_(scale.to(device=acc.device, dtype=acc.dtype))
+    return acc.mul_(scale) if scale != 1.0 else acc
 
 
 def _completed_work(result: torch.Tensor) -> dist.Work:
@@ -197,10 +220,12 @@ class Int8ReduceScatter(ReduceScatter):
     ) -> None:
         self.spec = _spec(block)
         _check_min_numel(min_numel)
+        _check_segments(segments)
         self.min_numel = min_numel
         self.layout = _BlockLayout(segments, block)
         self.calls = 0
         self.full_precision_calls = 0
+        self._verified = False
 
     def allocate(
         self,
@@ -225,6 +250,12 @@ class Int8ReduceScatter(ReduceScatter):
         Runs to completion before returning; with ``async_op=True`` (FSDP2 never passes it)
         a completed Work is returned for callers that wait on it.
         """
+        if not isinstance(input_tensor, torch.Tensor) or not isinstance(
+            output_tensor, torch.Tensor
+        ):
+            raise TypeError("Int8ReduceScatter needs tensors for output_tensor and input_tensor")
+        check_grad_dtype(input_tensor.dtype, "Int8ReduceScatter (input)")
+        check_grad_dtype(output_tensor.dtype, "Int8ReduceScatter (output)")
         world = dist.get_world_size(group)
         scale = reduce_op_scale(op, world)  # validate the op before any collective
         n = output_tensor.numel()
@@ -233,21 +264,33 @@ class Int8ReduceScatter(ReduceScatter):
                 f"Int8ReduceScatter: input has {input_tensor.numel()} elements, expected "
                 f"world ({world}) x output ({n})"
             )
-        if not (input_tensor.is_floating_point() and output_tensor.is_floating_point()):
-            raise TypeError(
-                f"Int8ReduceScatter needs floating tensors, got {input_tensor.dtype} -> "
-                f"{output_tensor.dtype}"
+        if not self._verified:
+            verify_same_on_all_ranks(
+                "Int8ReduceScatter",
+                [
+                    ("agoq comm protocol", _PROTOCOL),
+                    ("block", self.spec.block),
+                    ("min_numel", self.min_numel),
+                    ("segments (parameter layout)", _crc(self.layout.segments)),
+                    ("shard numel", n),
+                    ("input dtype", _DTYPE_CODES.get(input_tensor.dtype, 0)),
+                    ("output dtype", _DTYPE_CODES.get(output_tensor.dtype, 0)),
+                ],
+                group,
+                input_tensor.device,
             )
+            self._verified = True
         rows = input_tensor.reshape(world, n)  # row r is the shard rank r owns
         if input_tensor.numel() < self.min_numel:
-            acc = self._full_precision(rows, group)
+            acc = self._full_precision(rows, group, scale)
         else:
-            acc = self._int8(rows, group)
-        _apply_scale(acc, scale)
+            acc = self._int8(rows, group, scale)
         output_tensor.copy_(acc.view(output_tensor.shape))
         return _completed_work(output_tensor) if async_op else None
 
-    def _int8(self, rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def _int8(
+        self, rows: torch.Tensor, group: dist.ProcessGroup, scale: float | torch.Tensor | None
+    ) -> torch.Tensor:
         self.calls += 1
         world, n = rows.shape
         spec = self.spec
@@ -270,7 +313,8 @@ class Int8ReduceScatter(ReduceScatter):
         p_len = spec.payload_nbytes(padded)
         s_len = padded // spec.block
         acc = torch.empty(0)
-        # Dequantize one received chunk at a time and accumulate in fp32, in rank order:
+        # Dequantize one received chunk at a time, scale it (before the sum: W values near
+        # the fp32 maximum must not overflow) and accumulate in fp32, in rank order:
         # deterministic, and two chunk-sized fp32 buffers instead of W.
         for r in range(world):
             part = dequantize_flat_torch(
@@ -280,22 +324,27 @@ class Int8ReduceScatter(ReduceScatter):
                 padded,
                 torch.float32,
             )
+            part = _apply_scale(part, scale)
             acc = part if r == 0 else acc.add_(part)
         return acc[:n] if index is None else acc[index]
 
-    def _full_precision(self, rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def _full_precision(
+        self, rows: torch.Tensor, group: dist.ProcessGroup, scale: float | torch.Tensor | None
+    ) -> torch.Tensor:
         self.full_precision_calls += 1
         # All-to-all + local fp32 sum rather than dist.reduce_scatter_tensor: same order and
         # accumulation precision as the int8 path, and PREMUL_SUM works on gloo too.
         recv = torch.empty_like(rows)
         dist.all_to_all_single(recv, rows.contiguous(), group=group)
-        acc = recv[0].to(torch.float32, copy=True)
+        acc = _apply_scale(recv[0].to(torch.float32, copy=True), scale)
         for r in range(1, recv.shape[0]):
-            acc += recv[r]
+            acc += _apply_scale(recv[r].to(torch.float32, copy=True), scale)
         return acc
 
 
 def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not mods:
         raise ValueError(
@@ -312,6 +361,8 @@ def install_int8_reduce_scatter(model: nn.Module, *, block: int = 256, min_numel
     setter is not recursive) with an :class:`Int8ReduceScatter` that knows the module's
     parameter layout (:func:`shard_segments`); returns how many modules.
     """
+    _spec(block)
+    _check_min_numel(min_numel)
     mods = _fsdp_modules(model)
     for m in mods:
         comm = Int8ReduceScatter(block=block, min_numel=min_numel, segments=shard_segments(m))
@@ -337,13 +388,38 @@ def int8_all_reduce_hook(
     Shards with fewer than ``min_numel`` elements are all-reduced in fp32 instead.
     ``segments`` (:func:`shard_segments` of the module) starts a block at each parameter.
     """
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"int8_all_reduce_hook: group must be a ProcessGroup, got {type(group).__name__}"
+        )
+    expect_bool(average, "int8_all_reduce_hook: average")
     spec = _spec(block)
     _check_min_numel(min_numel)
+    _check_segments(segments)
     world = dist.get_world_size(group)
     layout = _BlockLayout(segments, block)
+    verified = False
 
     def hook(reduce_output: torch.Tensor) -> None:
+        nonlocal verified
         n = reduce_output.numel()
+        check_grad_dtype(reduce_output.dtype, "int8_all_reduce_hook")
+        if not verified:
+            verify_same_on_all_ranks(
+                "int8_all_reduce_hook",
+                [
+                    ("agoq comm protocol", _PROTOCOL),
+                    ("block", block),
+                    ("min_numel", min_numel),
+                    ("average", int(average)),
+                    ("segments (parameter layout)", _crc(layout.segments)),
+                    ("shard numel", n),
+                    ("dtype", _DTYPE_CODES.get(reduce_output.dtype, 0)),
+                ],
+                group,
+                reduce_output.device,
+            )
+            verified = True
         if n >= min_numel:
             padded, index = layout.get(n, reduce_output.device)
             if index is None:
@@ -356,9 +432,9 @@ def int8_all_reduce_hook(
             reduce_output.copy_(buf[index].view(reduce_output.shape))
             return
         acc = reduce_output.to(torch.float32)
-        dist.all_reduce(acc, group=group)
-        if average:
+        if average:  # before the sum, as DDP's default: no overflow near the fp32 maximum
             acc /= world
+        dist.all_reduce(acc, group=group)
         reduce_output.copy_(acc)
 
     return hook
@@ -375,6 +451,13 @@ def install_int8_all_reduce_hook(
     """``set_all_reduce_hook(int8_all_reduce_hook(group, ...))`` on every FSDP2 module in
     ``model``; returns how many. Raises ValueError for modules with a replicate mesh dim
     (native HSDP, ``replicate_with_fsdp``): FSDP's own all-reduce runs before the hook."""
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"install_int8_all_reduce_hook: group must be a ProcessGroup, got {type(group).__name__}"
+        )
+    expect_bool(average, "install_int8_all_reduce_hook: average")
+    _spec(block)
+    _check_min_numel(min_numel)
     mods = _fsdp_modules(model)
     for m in mods:
         # Private FSDP2 state, read only to refuse a double reduction: with a replicate mesh
