@@ -281,3 +281,16 @@ def test_train_two_ranks_int8_checks_activations_and_buckets() -> None:
     grads = {n: v for n, v in result.numerics.items() if n.startswith("grad/bucket")}
     assert grads, result.numerics  # the DDP hook's state got the same guard
     assert all(0 <= e < 0.05 for v in grads.values() for _, e in v)
+
+
+def test_demo_option_records_the_checks(tmp_path) -> None:
+    import json
+
+    from agoq.cli import main
+
+    args = ["demo", "--steps", "2", "--model", "tiny", "--batch", "4", "--seq", "32"]
+    assert main([*args, "--numerics-check-every", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert [s for s, _ in data["agoq"]["numerics"]["activations"]] == [0, 1]
+    assert data["agoq"]["config"]["numerics_check_every"] == 1
+    assert data["baseline"]["numerics"] == {}

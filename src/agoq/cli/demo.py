@@ -58,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[1, 2],
         help="1 process, or 2 gloo ranks with DDP on CPU (default 1)",
     )
+    parser.add_argument(
+        "--numerics-check-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="agoq run: every N steps the numerics guard measures agoq's gradient error and "
+        "switches a bad kind/bucket to full precision (default 0 = off; docs/numerics-guard.md)",
+    )
 
 
 def _configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig]:
@@ -77,7 +85,8 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig]:
         world_size=args.world_size,
     )
     base = TrainConfig(plan="none", grads="fp32", **common)
-    agoq = TrainConfig(plan=args.plan, grads=args.grads, **common)
+    checks = getattr(args, "numerics_check_every", 0)
+    agoq = TrainConfig(plan=args.plan, grads=args.grads, numerics_check_every=checks, **common)
     base.validate()
     agoq.validate()
     return base, agoq
