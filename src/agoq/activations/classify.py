@@ -202,6 +202,12 @@ class ModuleTracker:
                     return True
         return False
 
+    def static_shapes(self) -> set[tuple[int, ...]]:
+        """Shapes of the parameters and buffers of the models seen in this context."""
+        return {
+            shape for shape, refs in self._by_shape.items() if any(r() is not None for r in refs)
+        }
+
     def frozen_source(self, t: torch.Tensor) -> torch.Tensor | None:
         """A static tensor that ``t`` (no autograd history) is an exact cast of, e.g.
         autocast's copy of a frozen weight or of a buffer; None otherwise."""

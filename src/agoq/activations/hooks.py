@@ -153,11 +153,42 @@ def _module_of(node: torch.fx.Node) -> tuple[str, str]:
     return path, getattr(cls, "__name__", str(cls))
 
 
+_CASTS = {torch.ops.prims.convert_element_type.default, _aten._to_copy.default}
+
+
+def copy_of_input(node: torch.fx.Node | None, static_shapes: set[tuple[int, ...]] | None) -> bool:
+    """True when a saved graph node is only a cast and/or view of a region input shaped
+    like a parameter or buffer (autocast's weight copy, the transposed weight of a mm):
+    a copy of a parameter is never quantized. AOTAutograd does not tell the hook which
+    inputs are parameters, so the shape decides; a false match only keeps a tensor. With
+    no shapes known (the model was never seen eagerly), any region input counts."""
+    steps = 0
+    while node is not None and steps < 16:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if steps == 0 or val is None:
+                return False
+            return static_shapes is None or tuple(val.shape) in static_shapes
+        if node.op != "call_function" or (node.target not in _VIEWS and node.target not in _CASTS):
+            return False
+        node = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        steps += 1
+    return False
+
+
 def compiled_spec(
-    x: torch.Tensor, node: torch.fx.Node | None, bw_graph: Any, plan: ActivationPlan
+    x: torch.Tensor,
+    node: torch.fx.Node | None,
+    bw_graph: Any,
+    plan: ActivationPlan,
+    static_shapes: set[tuple[int, ...]] | None = None,
 ) -> QuantSpec | None:
     """The spec a saved graph node is stored in under compile, or None to keep it."""
-    if not x.is_floating_point() or x.numel() < max(plan.min_numel, 1):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    if x.numel() < max(plan.min_numel, 1):
+        return None
+    if copy_of_input(node, static_shapes or None):
         return None
     if plan.compiled != "plan":
         return plan.compiled if isinstance(plan.compiled, QuantSpec) else None
@@ -193,7 +224,9 @@ def agoq_pack(x: torch.Tensor, key: str) -> Any:
         if not stack:  # e.g. an autograd worker thread in a create_graph backward: keep
             return x
         return stack[-1]._pack(x)
-    spec = compiled_spec(x, aot.get("_node"), aot.get("_bw_graph"), _PLANS[key])
+    stack = getattr(_LOCAL, "stack", None)
+    shapes = stack[-1]._tracker.static_shapes() if stack else None
+    spec = compiled_spec(x, aot.get("_node"), aot.get("_bw_graph"), _PLANS[key], shapes)
     if spec is None:
         return x
     p = quantize(x, spec, backend="torch")
