@@ -7,6 +7,7 @@ the gradients of every rank (DDP's default: divide by the world size, then sum).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -179,9 +180,39 @@ def _wqwo_coeffs(rank: int, step: int) -> dict[str, torch.Tensor]:
 
 
 def config_rank(rank: int, world: int) -> dict:
-    """Ranks with different settings; FQN-keyed residuals across a registration-order
-    change; DDP's private flag missing."""
-    from agoq.gradients import Int8AllReduceState, Int8GradStore, Int8ReduceScatter
+    """FQN-keyed residuals across a registration-order change; DDP's private flag missing."""
+    from agoq.gradients import Int8GradStore
+
+    out: dict[str, Any] = {}
+
+    # FQN-keyed residuals: train 3 steps with wq registered before wo, save, resume into a
+    # model that registers wo first; one more step must equal the uninterrupted run.
+    def build(order):
+        model = WqWo(order)
+        st = make_state(model, error_feedback=True)
+        return _ddp(model, st), st
+
+    ddp_a, st_a = build(("wq", "wo"))
+    for step in range(3):
+        _step(ddp_a, _wqwo_coeffs(rank, step))
+    sd = copy.deepcopy(st_a.state_dict())  # its tensors are the live residuals
+    cont = _step(ddp_a, _wqwo_coeffs(rank, 3))
+    ddp_b, st_b = build(("wo", "wq"))
+    st_b.load_state_dict(sd)
+    resumed = _step(ddp_b, _wqwo_coeffs(rank, 3))
+    out["fqn"] = {k: torch.equal(cont[k], resumed[k]) for k in cont}
+
+    # Int8GradStore on a DDP module whose private flag is gone (a future torch).
+    ddp = _ddp(Probe(), None)
+    del ddp.require_forward_param_sync
+    out["ddp_flag"] = _error(lambda: Int8GradStore(ddp))
+    dist.barrier()
+    return out
+
+
+def mismatch_rank(rank: int, world: int) -> dict:
+    """Settings that differ between ranks (on the pre-issue code they crash or hang gloo)."""
+    from agoq.gradients import Int8AllReduceState, Int8ReduceScatter
     from agoq.gradients.fsdp import int8_all_reduce_hook
 
     out: dict[str, Any] = {}
@@ -226,28 +257,6 @@ def config_rank(rank: int, world: int) -> dict:
     mism["same_settings"] = (same, 0.0)
     out["mismatch"] = mism
 
-    # FQN-keyed residuals: train 3 steps with wq registered before wo, save, resume into a
-    # model that registers wo first; one more step must equal the uninterrupted run.
-    def build(order):
-        model = WqWo(order)
-        st = make_state(model, error_feedback=True)
-        return _ddp(model, st), st
-
-    ddp_a, st_a = build(("wq", "wo"))
-    for step in range(3):
-        _step(ddp_a, _wqwo_coeffs(rank, step))
-    sd = st_a.state_dict()
-    sd = {k: (dict(v) if isinstance(v, dict) else v) for k, v in sd.items()}
-    cont = _step(ddp_a, _wqwo_coeffs(rank, 3))
-    ddp_b, st_b = build(("wo", "wq"))
-    st_b.load_state_dict(sd)
-    resumed = _step(ddp_b, _wqwo_coeffs(rank, 3))
-    out["fqn"] = {k: torch.equal(cont[k], resumed[k]) for k in cont}
-
-    # Int8GradStore on a DDP module whose private flag is gone (a future torch).
-    ddp = _ddp(Probe(), None)
-    del ddp.require_forward_param_sync
-    out["ddp_flag"] = _error(lambda: Int8GradStore(ddp))
     dist.barrier()
     return out
 
@@ -339,4 +348,4 @@ def dead_rank(rank: int, world: int, victim: int, path: str) -> str:
     raise RuntimeError(outcome)
 
 
-__all__ = ["config_rank", "dead_rank", "guard_rank", "numerics_rank"]
+__all__ = ["config_rank", "mismatch_rank", "dead_rank", "guard_rank", "numerics_rank"]
