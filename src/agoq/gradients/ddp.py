@@ -75,7 +75,9 @@ class Int8AllReduceState:
     guard checking every N steps): at every ``guard.every``-th step one bucket (round-robin)
     is also reduced in full precision and ``guard.observe("grad/bucket<i>", rel_err)`` gets
     the relative RMS error of the int8 result; a bucket the guard switched to fallback is
-    reduced in full precision from then on. Steps are counted when bucket 0 arrives.
+    reduced in full precision from then on. Steps are counted when bucket 0 arrives; step 0
+    is never checked (DDP regroups its buckets after the first iteration, so bucket indices
+    only mean the same parameters from step 1 on).
     """
 
     def __init__(
@@ -416,6 +418,7 @@ def int8_allreduce(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[
         # has the same counters, so every rank checks the same bucket.
         check = (
             guard is not None
+            and step > 0  # DDP's step-0 buckets are provisional: it rebuilds them after
             and guard.due(step)
             and index == (step // guard.every) % max(st.buckets_seen, 1)
         )
