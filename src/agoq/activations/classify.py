@@ -99,7 +99,7 @@ class ModuleTracker:
         )
         self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._statics: dict[int, weakref.ref] = {}
-        self._by_shape: dict[tuple[int, ...], list[weakref.ref]] = {}
+        self._by_shape: dict[tuple[int, ...], dict[int, weakref.ref]] = {}
         self._producers: dict[int, tuple[weakref.ref, str]] = {}
 
     def set_plan(self, plan: ActivationPlan) -> None:
@@ -137,7 +137,7 @@ class ModuleTracker:
         return drop
 
     def _register_root(self, root: nn.Module) -> None:
-        # Run at every forward of an outermost module: parameters and buffers are read
+        # Run at every forward of an outermost module: its parameters and buffers are read
         # afresh, so one reassigned between steps is still recognised as static.
         if root not in self._roots:
             self._roots.add(root)
@@ -148,16 +148,29 @@ class ModuleTracker:
                         self.plan.kind_of(fqn, m),
                         self.plan.producer_kind(fqn, m),
                     )
-        self._statics.clear()
-        self._by_shape.clear()
-        for r in list(self._roots):
-            for t in [*r.parameters(), *r.buffers()]:
-                self._add_static(t)
+        for t in [*root.parameters(), *root.buffers()]:
+            self._add_static(t)
 
     def _add_static(self, t: torch.Tensor) -> None:
-        wr = weakref.ref(t)
-        self._statics[id(t)] = wr
-        self._by_shape.setdefault(tuple(t.shape), []).append(wr)
+        key = id(t)
+        wr = self._statics.get(key)
+        if wr is not None and wr() is t:
+            return
+        wr = weakref.ref(t, self._drop_static(key))
+        self._statics[key] = wr
+        self._by_shape.setdefault(tuple(t.shape), {})[key] = wr
+
+    def _drop_static(self, key: int):
+        statics, by_shape = self._statics, self._by_shape
+
+        def drop(wr: weakref.ref) -> None:
+            if statics.get(key) is wr:
+                del statics[key]
+            for refs in by_shape.values():
+                if refs.get(key) is wr:
+                    del refs[key]
+
+        return drop
 
     def where(self) -> tuple[str, str]:
         """(FQN, kind) of the innermost module with a kind on the stack."""
@@ -204,9 +217,7 @@ class ModuleTracker:
 
     def static_shapes(self) -> set[tuple[int, ...]]:
         """Shapes of the parameters and buffers of the models seen in this context."""
-        return {
-            shape for shape, refs in self._by_shape.items() if any(r() is not None for r in refs)
-        }
+        return {shape for shape, refs in self._by_shape.items() if refs}
 
     def frozen_source(self, t: torch.Tensor) -> torch.Tensor | None:
         """A static tensor that ``t`` (no autograd history) is an exact cast of, e.g.
@@ -215,7 +226,7 @@ class ModuleTracker:
         cands = self._by_shape.get(tuple(base.shape))
         if not cands or base.grad_fn is not None:
             return None
-        for wr in cands:
+        for wr in list(cands.values()):
             s = wr()
             if s is None or s.dtype == base.dtype or not s.is_floating_point():
                 continue
