@@ -318,6 +318,106 @@ def guard_rank(rank: int, world: int) -> dict:
 # ------------------------------------------------------------------------------ DCP
 
 
+def _mlp() -> nn.Module:
+    # wq/wo-like same-shape layers: a residual or store entry put on the wrong one shows.
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32)
+    )
+
+
+def _dcp_batch(rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(zlib.crc32(f"dcp/{rank}/{step}/{micro}".encode()))
+    return torch.randn(8, 16, generator=g), torch.randn(8, 32, generator=g)
+
+
+class _Run:
+    """DDP + int8 hook with error feedback + Int8GradStore for 2 no_sync micro-batches
+    + AdamW: one training setup, built from scratch (``seed`` sets the initial weights)."""
+
+    def __init__(self, rank: int, seed: int) -> None:
+        from agoq.gradients import Int8GradStore, int8_allreduce
+
+        torch.manual_seed(seed)
+        self.rank = rank
+        self.ddp = DDP(_mlp(), bucket_cap_mb=0.001)
+        self.state = make_state(self.ddp, error_feedback=True)
+        self.ddp.register_comm_hook(self.state, int8_allreduce)
+        self.opt = torch.optim.AdamW(self.ddp.parameters(), lr=1e-2)
+        self.store = Int8GradStore(self.ddp)
+
+    def micro(self, step: int, micro: int) -> None:
+        x, y = _dcp_batch(self.rank, step, micro)
+        if micro < 2:
+            with self.ddp.no_sync():  # DDP decides at forward time: forward inside it
+                torch.nn.functional.mse_loss(self.ddp(x), y).backward()
+            self.store.accumulate()
+        else:
+            self.store.materialize()
+            # DDP reduces here, through the int8 hook.
+            torch.nn.functional.mse_loss(self.ddp(x), y).backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+    def run(self, start: tuple[int, int], stop: int) -> None:
+        for step in range(start[0], stop):
+            for micro in range(start[1] if step == start[0] else 0, 3):
+                self.micro(step, micro)
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.ddp, self.opt)
+        return {
+            "model": model,
+            "optim": optim,
+            "hook": self.state.state_dict(),
+            "store": self.store.state_dict(),
+        }
+
+    def load(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        sd = self.state_dict()  # a template: same keys and shapes as what was saved
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(
+            self.ddp, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"]
+        )
+        self.state.load_state_dict(sd["hook"])
+        self.store.load_state_dict(sd["store"])
+
+    def params(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.ddp.parameters()]
+
+
+def dcp_rank(rank: int, world: int, path: str) -> dict:
+    """Train K=3 steps and one micro-batch of step 3 (the store then holds it), save
+    through DCP, finish 3 more steps; then build everything anew (other initial weights),
+    load, finish the same steps: the parameters must be bitwise equal."""
+    import torch.distributed.checkpoint as dcp
+
+    a = _Run(rank, seed=0)
+    a.run((0, 0), 3)
+    a.micro(3, 0)
+    held = len(a.store)
+    residual_norm = sum(float(r.norm()) for r in a.state.residuals.values())
+    dcp.save(a.state_dict(), checkpoint_id=path)
+    a.run((3, 1), 6)
+    b = _Run(rank, seed=1)
+    differs_before = not all(torch.equal(x, y) for x, y in zip(a.params(), b.params(), strict=True))
+    b.load(path)
+    b.run((3, 1), 6)
+    equal = [torch.equal(x, y) for x, y in zip(a.params(), b.params(), strict=True)]
+    dist.barrier()
+    return {
+        "equal": equal,
+        "held": held,
+        "residual_norm": residual_norm,
+        "differs_before": differs_before,
+        "params": a.params(),
+    }
+
+
 def dead_rank(rank: int, world: int, victim: int, path: str) -> str:
     """``victim`` SIGKILLs itself inside the comm hook during step 1; the survivors must
     raise, and write how long it took."""
@@ -348,4 +448,4 @@ def dead_rank(rank: int, world: int, victim: int, path: str) -> str:
     raise RuntimeError(outcome)
 
 
-__all__ = ["config_rank", "mismatch_rank", "dead_rank", "guard_rank", "numerics_rank"]
+__all__ = ["dcp_rank", "config_rank", "mismatch_rank", "dead_rank", "guard_rank", "numerics_rank"]
