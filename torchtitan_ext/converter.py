@@ -39,6 +39,17 @@ parallelized part:
   ``p.grad``. No micro-batch counting is involved (torch's pipeline stages run an extra,
   gradient-free forward for metadata inference on the first step).
 
+- with ``numerics_check_every = N``, an ``agoq.NumericsGuard`` per part (``numerics_threshold``
+  for the gradient buckets, ``numerics_action``). It goes into the DDP hook state (one
+  bucket checked every N steps). For activations, torchtitan computes the loss outside the
+  model, so the converter captures, on a due step, the first training forward's inputs and
+  the gradient arriving at the part's output; after the optimizer step it runs
+  ``guard.check_activations`` on the part (its ``forward``, bypassing replicate's DDP hooks)
+  with the loss ``sum(output * captured_grad)``: the parameter gradient with and without
+  the plan for that micro-batch's real output gradient (at the updated weights). Under
+  FSDP2/HSDP neither check is available (FSDP's backward hooks would reduce the check's
+  gradients; its reduce-scatter has no guard): a warning says so.
+
 ``post_optimizer_hook`` logs the memory report and hook counters and checks that no
 gradient was left in the store. Composes with torchtitan's activation checkpointing (does not
 replace it): under AC agoq only sees what checkpointing keeps, the checkpointed blocks'
@@ -95,9 +106,64 @@ class _Part:
     store_peak: int = 0
     compiled_bytes: int = 0  # what compiled regions held for backward (report steps)
     comms: list = field(default_factory=list)
+    guard: Any = None  # agoq NumericsGuard of this part
+    check_activations: bool = False  # the activation check is possible on this part
+    capture: Any = None  # _Capture of a due step, checked after its optimizer step
 
     def materialize_hook(self, grad: torch.Tensor) -> None:
         self.store.materialize()
+
+
+class _Capture:
+    """One micro-batch of a due step: the part's inputs (cloned: pipeline stages reuse their
+    receive buffers) and the gradient that backward brings to each of its outputs."""
+
+    def __init__(self, step: int, args: tuple, kwargs: dict, out: Any) -> None:
+        self.step = step
+        self.args = tuple(_clone(a) for a in args)
+        self.kwargs = {k: _clone(v) for k, v in kwargs.items()}
+        outs = _tensors(out)
+        self.grads: list[torch.Tensor | None] = [None] * len(outs)
+        for i, t in enumerate(outs):
+            if t.requires_grad:
+                t.register_hook(lambda g, i=i: self._keep(i, g))
+
+    def _keep(self, i: int, grad: torch.Tensor) -> None:
+        self.grads[i] = grad.detach().clone()
+
+    def ready(self) -> bool:
+        return any(g is not None for g in self.grads)
+
+    def loss_fn(self, module: nn.Module) -> Any:
+        """``sum(output * grad)``: its parameter gradient is the vjp of the captured grad."""
+
+        root = _CheckRoot(module)
+
+        def loss() -> torch.Tensor:
+            outs = _tensors(root(*self.args, **self.kwargs))
+            terms = [(t * g).sum() for t, g in zip(outs, self.grads, strict=True) if g is not None]
+            return sum(terms[1:], terms[0])  # outputs may differ in dtype: no stack
+
+        return loss
+
+
+class _CheckRoot(nn.Module):
+    """Runs ``part.forward`` as a child module: the part's own ``__call__`` (replicate()'s
+    DDP hooks, the converter's wrapper) is skipped, so a check never prepares DDP's
+    reducer, while agoq's context still sees a root module above the part, so its modules
+    get the same kinds as in training (FQNs gain a ``part.`` prefix; the kind rules match
+    whole FQN segments)."""
+
+    def __init__(self, part: nn.Module) -> None:
+        super().__init__()
+        self.part = part
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.part.forward(*args, **kwargs)
+
+
+def _clone(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 class AgoqConverter:
@@ -274,6 +340,9 @@ class AgoqConverter:
                     "8-bit store at the optimizer step (a forward whose backward never ran?); "
                     "disable grad_storage"
                 )
+            if st.capture is not None:
+                capture, st.capture = st.capture, None
+                self._check_activations(m, st, capture)
             if log:
                 self._log(st)
             if st.ctx is not None:
@@ -306,6 +375,8 @@ class AgoqConverter:
                 if t.grad_fn is not None:
                     st.compiled_bytes += compiled_saved_bytes(t, module)
                     break
+        if st.check_activations and st.capture is None and st.guard.due(self.step):
+            st.capture = _Capture(self.step, args, kwargs, out)
         if st.store is not None:
             # ... and come back when this micro-batch's backward reaches the part's output,
             # before any of its parameter gradients is accumulated.
@@ -321,6 +392,14 @@ class AgoqConverter:
         plan, st.plan_note = self._stage_plan()
         if plan is not None:
             st.ctx = agoq.quantize_activations(plan)
+        if cfg.numerics_check_every:
+            st.guard = agoq.NumericsGuard(
+                every=cfg.numerics_check_every,
+                threshold=cfg.numerics_threshold,
+                action=cfg.numerics_action,
+                log=lambda line, i=st.index: logger.info(f"[agoq] part {i}: {line}"),
+            )
+            self._guard_setup(module, st)
         if self.grad_path == "ddp":
             if not hasattr(module, "register_comm_hook"):
                 raise RuntimeError(
@@ -329,7 +408,9 @@ class AgoqConverter:
                 )
             kw = {"block": cfg.grad_block} if cfg.grad_block else {}
             group = self.parallel_dims.get_mesh("dp_replicate").get_group()
-            st.ddp_state = agoq.Int8AllReduceState(group, error_feedback=cfg.error_feedback, **kw)
+            st.ddp_state = agoq.Int8AllReduceState(
+                group, error_feedback=cfg.error_feedback, guard=st.guard, **kw
+            )
             module.register_comm_hook(st.ddp_state, agoq.int8_allreduce)
         elif self.grad_path in ("fsdp", "hsdp"):
             kw = {"block": cfg.grad_block} if cfg.grad_block else {}
@@ -350,6 +431,41 @@ class AgoqConverter:
             + (f"; 8-bit gradient store over {len(st.store.params)} parameters" if st.store else "")
         )
         return st
+
+    def _guard_setup(self, module: nn.Module, st: _Part) -> None:
+        """Decide which of the guard's checks this part supports, and say so."""
+        from torch.distributed.tensor import DTensor
+
+        sharded = self.parallel_dims.fsdp_enabled or any(
+            isinstance(p, DTensor) for p in module.parameters()
+        )
+        st.check_activations = not sharded and st.ctx is not None and _quantizes(st.ctx.plan)
+        what = [
+            *(["activations"] if st.check_activations else []),
+            *(["DDP gradient buckets"] if self.grad_path == "ddp" else []),
+        ]
+        if sharded:
+            logger.warning(
+                f"[agoq] part {st.index}: the numerics guard cannot check FSDP2/DTensor "
+                "parameters (FSDP's backward hooks would reduce the check's gradients, and "
+                "agoq's int8 reduce-scatter has no guard)"
+            )
+        logger.info(
+            f"[agoq] part {st.index}: numerics guard every {st.guard.every} steps on "
+            f"{' and '.join(what) or 'nothing (no quantized activations, no int8 DDP hook)'}"
+        )
+
+    def _check_activations(self, module: nn.Module, st: _Part, capture: _Capture) -> None:
+        """Run the guard's activation check on the captured micro-batch, if it got its
+        output gradient (a forward whose backward never ran is dropped)."""
+        if not capture.ready():
+            return
+        group: Any = "local"  # pipeline ranks hold different parts: nothing to agree on
+        if self.parallel_dims.dp_replicate_enabled:  # replicas agree on every decision
+            group = self.parallel_dims.get_mesh("dp_replicate").get_group()
+        st.guard.check_activations(
+            capture.step, st.ctx, module, capture.loss_fn(module), group=group
+        )
 
     def _log(self, st: _Part) -> None:
         head = f"[agoq] step {self.step} part {st.index}:"

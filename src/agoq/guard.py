@@ -188,7 +188,8 @@ class NumericsGuard:
         quantized gradient with a finite reference gives +Inf (acts). Under DDP pass the
         inner module (``ddp.module``): its forward does not involve DDP's reducer. With
         ``torch.distributed`` initialized, the squared errors are summed over ``group``
-        (default: the world) so every rank takes the same decision: call it on every rank.
+        (default: the world) so every rank takes the same decision: call it on every rank
+        of ``group``; ``group="local"`` measures this rank alone (no communication).
 
         Returns the errors measured by this call by name (empty when not due).
         """
@@ -208,6 +209,10 @@ class NumericsGuard:
         if not callable(loss_fn):
             raise TypeError(
                 f"NumericsGuard.check_activations: loss_fn must be a callable, got {loss_fn!r}"
+            )
+        if isinstance(group, str) and group != "local":
+            raise ValueError(
+                f"NumericsGuard: group must be a ProcessGroup, None or 'local', got {group!r}"
             )
         if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
             raise RuntimeError(
@@ -453,7 +458,12 @@ def _rel_err(quant: list[torch.Tensor | None], ref: list[torch.Tensor | None], g
     sums = torch.stack([torch.stack(num).sum(), torch.stack(den).sum()])
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if isinstance(group, str):
+        if group != "local":
+            raise ValueError(
+                f"NumericsGuard: group must be a ProcessGroup, None or 'local', got {group!r}"
+            )
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         sums = sums.cpu() if dist.get_backend(group) == "gloo" else sums
         dist.all_reduce(sums, group=group)
     n, d = (float(v) for v in sums.tolist())
