@@ -355,6 +355,9 @@ class ActivationPlan:
         """
         from ..pipeline import inflight_microbatches, stage_bits
 
+        for name, value in (("stage_index", stage_index), ("num_stages", num_stages)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"for_stage: {name} must be an int, got {value!r}")
         if not 0 <= stage_index < num_stages:
             raise ValueError(f"stage_index {stage_index} out of range for {num_stages} stages")
         m = n_microbatches if n_microbatches is not None else max(num_stages * stages_per_rank, 1)
