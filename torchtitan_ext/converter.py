@@ -409,7 +409,7 @@ class AgoqConverter:
             kw = {"block": cfg.grad_block} if cfg.grad_block else {}
             group = self.parallel_dims.get_mesh("dp_replicate").get_group()
             st.ddp_state = agoq.Int8AllReduceState(
-                group, error_feedback=cfg.error_feedback, guard=st.guard, **kw
+                group, error_feedback=cfg.error_feedback, model=module, guard=st.guard, **kw
             )
             module.register_comm_hook(st.ddp_state, agoq.int8_allreduce)
         elif self.grad_path in ("fsdp", "hsdp"):
