@@ -83,6 +83,10 @@ class Agoq(metaclass=_SectionType):
     numerics_threshold: float = 0.05
     """Relative error (vs the unquantized result) above which the guard acts."""
 
+    numerics_activation_threshold: float = 0.5
+    """Relative one-step gradient error of the activation check above which the guard acts
+    (4-bit activations legitimately give ~0.1; see docs/numerics-guard.md)."""
+
     numerics_action: str = "fallback"
     """Above the threshold: "fallback" (that kind/bucket to full precision, with a
     warning), "warn" or "raise"."""
@@ -119,6 +123,12 @@ class Agoq(metaclass=_SectionType):
         expect_int(self.numerics_check_every, at("numerics_check_every"), low=0)
         self.numerics_threshold = expect_float(
             self.numerics_threshold, at("numerics_threshold"), low=0.0, low_open=True
+        )
+        self.numerics_activation_threshold = expect_float(
+            self.numerics_activation_threshold,
+            at("numerics_activation_threshold"),
+            low=0.0,
+            low_open=True,
         )
         expect_str(self.numerics_action, at("numerics_action"), choices=NUMERICS_ACTIONS)
         if self.activations != "off":

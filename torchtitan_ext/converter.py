@@ -396,6 +396,7 @@ class AgoqConverter:
             st.guard = agoq.NumericsGuard(
                 every=cfg.numerics_check_every,
                 threshold=cfg.numerics_threshold,
+                activation_threshold=cfg.numerics_activation_threshold,
                 action=cfg.numerics_action,
                 log=lambda line, i=st.index: logger.info(f"[agoq] part {i}: {line}"),
             )

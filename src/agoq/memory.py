@@ -41,7 +41,9 @@ class MemoryReport:
 
     ``saves`` counts pack calls; ``tensors``/bytes count each distinct tensor once (a tensor
     saved by three GEMMs costs its bytes once, as it does without agoq). Modes: ``quantized``,
-    ``kept``, ``recomputed`` (0 bytes), ``dedup`` (a repeat save of a stored tensor).
+    ``kept``, ``recomputed`` (0 bytes), ``rebuilt`` (a copy of a parameter, e.g. autocast's
+    weight cast, rebuilt from the parameter: 0 bytes), ``dedup`` (a repeat save of a stored
+    tensor at the same version).
     ``live_bytes`` / ``peak_bytes``: bytes held right now / at most at once, counted from
     each stored tensor's creation until autograd frees it (e.g. a pipeline stage's peak
     over a schedule with several micro-batches in flight).

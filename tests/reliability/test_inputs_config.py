@@ -110,6 +110,8 @@ def test_agoq_section_numerics_defaults():
         ({"numerics_threshold": math.inf}, ValueError, "numerics_threshold"),
         ({"numerics_threshold": True}, TypeError, "numerics_threshold"),
         ({"numerics_threshold": "0.05"}, TypeError, "numerics_threshold"),
+        ({"numerics_activation_threshold": 0.0}, ValueError, "numerics_activation_threshold"),
+        ({"numerics_activation_threshold": "1"}, TypeError, "numerics_activation_threshold"),
         ({"numerics_action": "ignore"}, ValueError, "numerics_action"),
         ({"numerics_action": None}, TypeError, "numerics_action"),
         ({"activation_bits": True}, TypeError, "activation_bits"),
