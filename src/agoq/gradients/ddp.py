@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .._validate import expect_bool, expect_int, expect_str
 from ..quant import QuantSpec
+from ._common import global_rank, unwrap
 from .allreduce import (
     DEFAULT_SPEC,
     check_grad_dtype,
@@ -40,23 +41,8 @@ _ACTION_CODES = {"fallback": 1, "warn": 2, "raise": 3}
 _OPTIONS = ("block", "scale_dtype", "rounding", "error_feedback", "min_numel", "seed")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module under DDP / torch.compile wrappers, so FQNs carry no prefixes."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _is_guard(guard: Any) -> bool:
     return all(callable(getattr(guard, a, None)) for a in ("due", "observe", "is_fallback"))
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class Int8AllReduceState:
@@ -145,7 +131,7 @@ class Int8AllReduceState:
             )
         names: dict[int, str] = {}
         params: dict[str, torch.Tensor] = {}
-        for name, p in _unwrap(model).named_parameters():
+        for name, p in unwrap(model).named_parameters():
             if p.requires_grad:
                 names[id(p)] = name
                 params[name] = p
@@ -165,7 +151,7 @@ class Int8AllReduceState:
         if self.spec.rounding != "stochastic":
             return None
         if self._generator is None:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed + _rank())
+            self._generator = torch.Generator(device=device).manual_seed(self.seed + global_rank())
         return self._generator
 
     # ------------------------------------------------------------ fingerprint
@@ -271,7 +257,7 @@ class Int8AllReduceState:
             "options": self._options(),
             "steps": self.steps,
             "buckets_seen": self.buckets_seen,
-            "ranks": {str(_rank()): mine},
+            "ranks": {str(global_rank()): mine},
         }
         if self.guard is not None and callable(getattr(self.guard, "state_dict", None)):
             out["guard"] = self.guard.state_dict()
@@ -310,7 +296,7 @@ class Int8AllReduceState:
         steps = expect_int(state["steps"], f"{where}: steps", low=0)
         buckets = expect_int(state["buckets_seen"], f"{where}: buckets_seen", low=0)
         ranks = state["ranks"]
-        rank = str(_rank())
+        rank = str(global_rank())
         if not isinstance(ranks, Mapping) or rank not in ranks:
             have = sorted(ranks) if isinstance(ranks, Mapping) else ranks
             raise ValueError(f"{where}: the state holds ranks {have}, not this rank ({rank})")

@@ -65,10 +65,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 from .._validate import expect_bool, expect_int
 from ..quant import Packed, QuantSpec, dequantize, quantize
+from ._common import global_rank, unwrap
 from .allreduce import check_grad_dtype
 
 Compensation = Literal["none", "stochastic", "residual"]
@@ -91,16 +91,6 @@ def _ddp_sync_flag(ddp: torch.nn.Module) -> bool:
             "backward that DDP synchronizes and cannot guard DDP without it. Use explicit "
             "accumulate() calls under no_sync(), or an agoq release that supports this torch"
         ) from None
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while True:
-        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
-            module = module._orig_mod
-        else:
-            return module
 
 
 def _is_fsdp2(module: torch.nn.Module) -> bool:
@@ -225,7 +215,7 @@ class Int8GradStore:
                 self._ddp = params
                 _ddp_sync_flag(params)  # fail now, not at the first backward
             self._fsdp = _is_fsdp2(params)
-            named = _unwrap(params).named_parameters()
+            named = unwrap(params).named_parameters()
         elif isinstance(params, torch.Tensor):
             raise TypeError(
                 "Int8GradStore takes an iterable of parameters or a module, not a tensor"
@@ -252,7 +242,7 @@ class Int8GradStore:
         if len(set(self.names)) != len(self.names):
             raise ValueError("Int8GradStore: parameter names must be unique")
         if seed is None:
-            seed = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            seed = global_rank()
         self.seed = expect_int(seed, "Int8GradStore: seed")
         self._generators: dict[torch.device, torch.Generator] = {}
         if spec.rounding == "stochastic":  # created now: state_dict() is then a full template
@@ -536,7 +526,7 @@ class Int8GradStore:
         return {
             "version": _STATE_VERSION,
             "options": self._options(),
-            "ranks": {str(_rank()): {"slots": slots, "rng": rng}},
+            "ranks": {str(global_rank()): {"slots": slots, "rng": rng}},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -568,7 +558,7 @@ class Int8GradStore:
         ]
         if diffs or set(opts) != set(self._options()):
             raise ValueError(f"{where}: options differ: " + "; ".join(diffs or [str(sorted(opts))]))
-        rank = str(_rank())
+        rank = str(global_rank())
         ranks = state["ranks"]
         if not isinstance(ranks, Mapping) or rank not in ranks:
             have = sorted(ranks) if isinstance(ranks, Mapping) else ranks
@@ -657,7 +647,3 @@ class Int8GradStore:
             gens[device] = g
         self._slots = slots
         self._generators = gens
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
