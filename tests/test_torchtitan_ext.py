@@ -307,13 +307,27 @@ def test_two_processes_ddp_with_error_feedback(assets, tmp_path):
         "--parallelism.data_parallel_replicate_degree", "2",
         "--parallelism.data_parallel_shard_degree", "1",
     )  # fmt: skip
-    on, log = _run(assets, tmp_path, 2, *ddp, name="on")
+    # The "on" run also has the numerics guard on (it does not change the run unless it
+    # acts): it checks in the int8 hook state and after the optimizer step.
+    guard = ("--agoq.numerics_check_every", "2")
+    on, log = _run(assets, tmp_path, 2, *ddp, *guard, name="on")
     off, _ = _run(assets, tmp_path, 2, *ddp, agoq=False, name="off")
     print(f"2 processes DDP: agoq {on}\n                 off  {off}")
     _check_curves(on, off)
     assert "int8 all-reduce DDP comm hook with error feedback" in log
     calls = re.findall(r"int8 all-reduce hook calls so far (\d+)", log)
     assert calls and int(calls[-1]) >= STEPS, calls
+    assert "numerics guard every 2 steps on activations and DDP gradient buckets" in log
+    for name in ("grad/bucket0", "activations"):
+        found = re.findall(rf"agoq numerics at step (\d+): {name} rel_err=([\d.e+-]+)", log)
+        steps = sorted({int(s) for s, _ in found})
+        # Every due step; the hook never checks step 0 (DDP rebuilds its buckets after it).
+        assert steps in ([0, 2, 4, 6], [2, 4, 6]), (name, found)
+        for step in steps:  # one line per replica, same value: the replicas agree
+            values = {v for s, v in found if int(s) == step}
+            assert len(values) == 1, (name, step, found)
+        limit = 0.05 if name.startswith("grad") else 0.5
+        assert all(0 < float(v) < limit for _, v in found), found
 
 
 def test_two_processes_pipeline_stage_aware(assets, tmp_path):
