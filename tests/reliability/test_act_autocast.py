@@ -125,3 +125,29 @@ def test_compiled_autocast_keeps_weight_copies():
     want = input_grad(None)
     got = input_grad(agoq.quantize_activations(plan))
     assert rel(got, want) < 1e-2  # bf16 rounding only; a 4-bit weight copy gives ~0.07
+
+
+def test_cast_of_a_transposed_parameter_to_another_layout_is_not_rebuilt_wrongly():
+    """A cast that changes the memory layout of a non-contiguous parameter cannot be
+    rebuilt from the parameter's own layout: it must be stored, never rebuilt wrongly."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(64, 32).t())  # (32, 64), stored transposed
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def run(ctx):
+        if ctx is None:
+            wc = w.to(torch.bfloat16, memory_format=torch.contiguous_format)
+            out = (x.to(torch.bfloat16) * wc).float().sum()
+        else:
+            with ctx:
+                wc = w.to(torch.bfloat16, memory_format=torch.contiguous_format)
+                out = (x.to(torch.bfloat16) * wc).float().sum()
+        out.backward()  # d/dx is the weight copy itself
+        g = x.grad.clone()
+        x.grad = None
+        w.grad = None
+        return g
+
+    want = run(None)
+    got = run(agoq.quantize_activations(ActivationPlan.keep_all()))
+    assert torch.equal(got, want)

@@ -74,3 +74,37 @@ def test_quantize_stage_wants_a_stage_or_module(stage):
 def test_for_stage_rejects_bad_indices(args):
     with pytest.raises((ValueError, TypeError)):
         ActivationPlan.agoq().for_stage(*args)
+
+
+def test_replaced_plan_keeps_the_kinds_of_a_model_already_seen():
+    """A new plan (e.g. the numerics guard's fallback) must resolve the same kinds by FQN:
+    ``attention.wo`` is attn_out_input only through its FQN, never through its class."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wo = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.wo(x)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attn()
+
+        def forward(self, x):
+            return self.attention(x)
+
+    block = Block()
+    x = torch.randn(128, 64, requires_grad=True)
+    ctx = agoq.quantize_activations(ActivationPlan.agoq(min_numel=0))
+    with ctx:
+        block(x * 1.0).sum().backward()
+    first = set(ctx.report.by_kind())
+    ctx.report.clear()
+    ctx.plan = ActivationPlan.agoq(min_numel=0, recompute=False)  # a new plan object
+    with ctx:
+        block(x * 1.0).sum().backward()
+    assert "attn_out_input" in first
+    assert set(ctx.report.by_kind()) == first

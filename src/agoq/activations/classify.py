@@ -67,11 +67,12 @@ def parameter_source(t: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         if name == "AccumulateGrad":
             leaf = fn.variable
             # The rebuild reads the cast's storage layout: exact when the cast was taken of
-            # the dense leaf itself (it then keeps the leaf's memory order) and t views it.
+            # the contiguous leaf itself (any memory format then gives the same layout) and
+            # t views it.
             exact = (
                 casts == 1
                 and cast_on_leaf
-                and _dense(leaf)
+                and leaf.is_contiguous()
                 and t.untyped_storage().nbytes() == leaf.numel() * t.element_size()
             )
             return leaf, exact
@@ -106,7 +107,10 @@ class ModuleTracker:
         """Use ``plan``'s rules from now on (kinds are resolved again)."""
         if plan is not self.plan:
             self.plan = plan
+            # Forget the roots too, so their next forward names every module by its FQN
+            # again (a module first seen without its root only gets its class name).
             self._info = weakref.WeakKeyDictionary()
+            self._roots = weakref.WeakSet()
 
     # ----------------------------------------------------------------- module hooks
 

@@ -130,8 +130,11 @@ class FromParameter(_Built):
         self.dtype = t.dtype
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
 
+    def get(self) -> torch.Tensor:  # noqa: D102
+        _check(self.param, self.param_version)  # also when a rebuilt copy is reused
+        return super().get()
+
     def _build(self) -> torch.Tensor:
-        _check(self.param, self.param_version)
         with torch.no_grad():
             base = self.param.detach().to(self.dtype, copy=True)
         return base.as_strided(self.size, self.stride, self.offset)
