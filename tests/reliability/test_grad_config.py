@@ -74,7 +74,7 @@ def test_hook_state_load_validates_everything():
     assert sorted(sd["ranks"]["0"]["residuals"]) == ["wo.weight", "wq.weight"]
     with pytest.raises(ValueError, match="lacks"):
         Int8AllReduceState(error_feedback=True, model=m).load_state_dict({})
-    with pytest.raises(ValueError, match="block: saved 128, this state 256"):
+    with pytest.raises(ValueError, match="block: saved 128, this one 256"):
         Int8AllReduceState(error_feedback=True, block=256, model=m).load_state_dict(sd)
     with pytest.raises(ValueError, match="error_feedback"):
         Int8AllReduceState(model=m).load_state_dict(sd)

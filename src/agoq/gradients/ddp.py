@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .._validate import expect_bool, expect_int, expect_str
 from ..quant import QuantSpec
-from ._common import global_rank, unwrap
+from ._common import check_state, global_rank, unwrap
 from .allreduce import (
     DEFAULT_SPEC,
     check_grad_dtype,
@@ -267,32 +267,15 @@ class Int8AllReduceState:
         """Restore what :meth:`state_dict` returned, after checking every option, key and
         shape against this state (ValueError saying what differs)."""
         where = "Int8AllReduceState.load_state_dict"
-        if not isinstance(state, Mapping):
-            raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
-        required = {"version", "options", "steps", "buckets_seen", "ranks"}
-        missing = sorted(required - set(state))
-        if missing:
-            raise ValueError(
-                f"{where}: the state lacks {missing} (expected what "
-                "Int8AllReduceState.state_dict() returns)"
-            )
-        unknown = sorted(set(state) - required - {"guard"})
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(
-                f"{where}: state version {state['version']!r}, this agoq reads {_STATE_VERSION}"
-            )
-        opts = state["options"]
-        if not isinstance(opts, Mapping) or set(opts) != set(_OPTIONS):
-            raise ValueError(f"{where}: 'options' must have the keys {list(_OPTIONS)}")
-        diffs = [
-            f"{k}: saved {opts[k]!r}, this state {v!r}"
-            for k, v in self._options().items()
-            if opts[k] != v or type(opts[k]) is not type(v)
-        ]
-        if diffs:
-            raise ValueError(f"{where}: options differ: " + "; ".join(diffs))
+        check_state(
+            state,
+            where,
+            version=_STATE_VERSION,
+            required={"version", "options", "steps", "buckets_seen", "ranks"},
+            optional={"guard"},
+            options=self._options(),
+            what="Int8AllReduceState.state_dict()",
+        )
         steps = expect_int(state["steps"], f"{where}: steps", low=0)
         buckets = expect_int(state["buckets_seen"], f"{where}: buckets_seen", low=0)
         ranks = state["ranks"]

@@ -68,7 +68,7 @@ import torch
 
 from .._validate import expect_bool, expect_int
 from ..quant import Packed, QuantSpec, dequantize, quantize
-from ._common import global_rank, unwrap
+from ._common import check_state, global_rank, unwrap
 from .allreduce import check_grad_dtype
 
 Compensation = Literal["none", "stochastic", "residual"]
@@ -533,31 +533,15 @@ class Int8GradStore:
         """Restore what :meth:`state_dict` returned; every option, key, size and dtype is
         checked against this store first (ValueError saying what differs)."""
         where = "Int8GradStore.load_state_dict"
-        if not isinstance(state, Mapping):
-            raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
-        missing = sorted({"version", "options", "ranks"} - set(state))
-        if missing:
-            raise ValueError(
-                f"{where}: the state lacks {missing} (expected what Int8GradStore.state_dict() "
-                "returns)"
-            )
-        unknown = sorted(set(state) - {"version", "options", "ranks"})
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(
-                f"{where}: state version {state['version']!r}, this agoq reads {_STATE_VERSION}"
-            )
-        opts = state["options"]
-        if not isinstance(opts, Mapping):
-            raise TypeError(f"{where}: 'options' must be a dict")
-        diffs = [
-            f"{k}: saved {opts.get(k)!r}, this store {v!r}"
-            for k, v in self._options().items()
-            if opts.get(k) != v
-        ]
-        if diffs or set(opts) != set(self._options()):
-            raise ValueError(f"{where}: options differ: " + "; ".join(diffs or [str(sorted(opts))]))
+        check_state(
+            state,
+            where,
+            version=_STATE_VERSION,
+            required={"version", "options", "ranks"},
+            optional=set(),
+            options=self._options(),
+            what="Int8GradStore.state_dict()",
+        )
         rank = str(global_rank())
         ranks = state["ranks"]
         if not isinstance(ranks, Mapping) or rank not in ranks:
