@@ -1,0 +1,241 @@
+"""The one codec op: ``torch.ops.agoq.quantize_blockwise`` / ``dequantize_blockwise``.
+
+Activations, the int8 collectives, the FSDP2 reduce-scatter and ``Int8GradStore`` all call
+this pair (through :func:`quantize_rows` / :func:`dequantize_rows`, or the ``Packed`` API of
+:mod:`agoq.quant.codec`). They are ``torch.library`` custom ops with fake kernels, so eager
+code, ``torch.compile`` graphs and collectives run the same kernel:
+
+* CUDA: the fused Triton kernels (:mod:`agoq.quant.triton_kernels`), when Triton is there;
+* CPU: a fused, vectorised C kernel (:mod:`agoq.quant.cpu_kernels`), built once per machine;
+* anything else, or when neither can run: the pure-torch reference.
+
+Every path gives the reference's bits under nearest rounding (the CUDA kernel also under
+stochastic rounding given the same noise), so which one ran never changes a result.
+
+Wire layout: the op quantizes a 2-D ``(rows, row_elems)`` tensor, each row as its own flat
+tensor (its tail zero-padded to a whole block), into one uint8 tensor ``(rows, row_bytes)``.
+A row holds the row's payload bytes (the codec layout of :mod:`agoq.quant.codec`), then its
+scales' bytes, then padding to the scale's alignment. A run of rows is therefore contiguous
+payload + scales, so one collective carries both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import codec
+from .spec import QuantSpec
+
+_FORMATS = ("int", "fp4_e2m1", "fp8_e4m3")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where a row's payload and scales sit in a wire row (all in bytes but ``nblocks``)."""
+
+    nblocks: int
+    payload_bytes: int
+    scale_offset: int
+    row_bytes: int
+
+
+def row_layout(spec: QuantSpec, row_elems: int) -> RowLayout:
+    """The wire geometry of rows of ``row_elems`` elements in ``spec``."""
+    return _layout(spec.bits, spec.block, _scale_size(spec.scale_dtype), row_elems)
+
+
+def _scale_size(scale_dtype: torch.dtype) -> int:
+    return 2 if scale_dtype == torch.bfloat16 else 4
+
+
+def _layout(bits: int, block: int, ssize: int, row_elems: int) -> RowLayout:
+    nb = -(-row_elems // block)
+    pb = nb * block * bits // 8
+    so = -(-pb // ssize) * ssize
+    return RowLayout(nb, pb, so, so + nb * ssize)
+
+
+def _spec(bits: int, fmt: str, block: int, bf16_scales: bool, stochastic: bool) -> QuantSpec:
+    return QuantSpec(
+        bits=bits,
+        format=fmt,
+        block=block,
+        rounding="stochastic" if stochastic else "nearest",
+        scale_dtype=torch.bfloat16 if bf16_scales else torch.float32,
+    )
+
+
+# ------------------------------------------------------------------ reference kernels
+
+
+def _reference_quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> torch.Tensor:
+    """The torch reference over rows, loop-free (the fallback of every device)."""
+    rows, n = x.shape
+    lay = row_layout(spec, n)
+    B = spec.block
+    xb = torch.nn.functional.pad(x.to(torch.float32), (0, lay.nblocks * B - n))
+    xb = xb.reshape(rows * lay.nblocks, B)
+    s = codec.block_scales(xb, spec)
+    nz = None if noise is None else noise.reshape(rows * lay.nblocks, B)
+    codes = codec.encode_block_values(xb, s, spec, nz)
+    payload = codec.pack_codes(codes, spec.bits).reshape(rows, lay.payload_bytes)
+    sbytes = s.to(spec.scale_dtype).view(torch.uint8).reshape(rows, -1)
+    wire = torch.zeros(rows, lay.row_bytes, dtype=torch.uint8, device=x.device)
+    wire[:, : lay.payload_bytes] = payload
+    wire[:, lay.scale_offset :] = sbytes
+    return wire
+
+
+def _reference_dequantize(
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    rows = payload.shape[0]
+    lay = row_layout(spec, n)
+    flat = codec._dequantize_rows(
+        payload.contiguous().reshape(-1), scales.contiguous().reshape(-1), spec, dtype
+    )
+    return flat.view(rows, lay.nblocks * spec.block)[:, :n].contiguous()
+
+
+# ------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("agoq::quantize_blockwise", mutates_args=())
+def quantize_blockwise(
+    x: torch.Tensor,
+    bits: int,
+    fmt: str,
+    block: int,
+    bf16_scales: bool,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize each row of ``x`` (rows, row_elems) into one uint8 wire (rows, row_bytes).
+
+    ``noise`` (fp32 uniform [0, 1), shape (rows, nblocks * block)) selects stochastic
+    rounding; None is round-to-nearest-even."""
+    spec = _spec(bits, fmt, block, bf16_scales, noise is not None)
+    x = x.contiguous()
+    if noise is not None:
+        noise = noise.contiguous()
+    if x.device.type == "cpu":
+        from . import cpu_kernels
+
+        if cpu_kernels.supports(spec, x.dtype):
+            return cpu_kernels.quantize(x, spec, noise)
+    elif x.device.type == "cuda":
+        from . import triton_kernels
+
+        if triton_kernels.available(x.device) and hasattr(triton_kernels, "quantize_rows"):
+            return triton_kernels.quantize_rows(x, spec, noise)
+    return _reference_quantize(x, spec, noise)
+
+
+@quantize_blockwise.register_fake
+def _(x, bits, fmt, block, bf16_scales, noise=None):
+    lay = _layout(bits, block, 2 if bf16_scales else 4, x.shape[1])
+    return x.new_empty((x.shape[0], lay.row_bytes), dtype=torch.uint8)
+
+
+@torch.library.custom_op("agoq::dequantize_blockwise", mutates_args=())
+def dequantize_blockwise(
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    fmt: str,
+    block: int,
+    row_elems: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows (rows, row_elems) of ``dtype`` from payload (rows, payload_bytes) and scales
+    (rows, nblocks); both may be row-strided views of a wire."""
+    spec = _spec(bits, fmt, block, scales.dtype == torch.bfloat16, False)
+    if payload.device.type == "cpu":
+        from . import cpu_kernels
+
+        if cpu_kernels.supports(spec, dtype):
+            return cpu_kernels.dequantize(payload, scales, spec, row_elems, dtype)
+    elif payload.device.type == "cuda":
+        from . import triton_kernels
+
+        if triton_kernels.available(payload.device) and hasattr(triton_kernels, "dequantize_rows"):
+            return triton_kernels.dequantize_rows(payload, scales, spec, row_elems, dtype)
+    return _reference_dequantize(payload, scales, spec, row_elems, dtype)
+
+
+@dequantize_blockwise.register_fake
+def _(payload, scales, bits, fmt, block, row_elems, dtype):
+    return payload.new_empty((payload.shape[0], row_elems), dtype=dtype)
+
+
+# ---------------------------------------------------------------------- Python API
+
+
+def _check_rows(x: torch.Tensor, spec: QuantSpec) -> None:
+    codec.check_quantizable(x)
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be an agoq QuantSpec, got {type(spec).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows expects a 2-D (rows, row_elems) tensor, got {x.dim()}-D")
+
+
+def make_noise(
+    shape: tuple[int, int], spec: QuantSpec, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """The uniform [0, 1) draws of stochastic rounding for rows of ``shape`` (padded to blocks)."""
+    nb = -(-shape[1] // spec.block)
+    return torch.rand((shape[0], nb * spec.block), generator=generator, device=device)
+
+
+def quantize_rows(
+    x: torch.Tensor, spec: QuantSpec, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Quantize every row of ``x`` (rows, row_elems) into one wire (rows, row_bytes).
+
+    ``generator`` seeds stochastic rounding (ignored for nearest rounding)."""
+    _check_rows(x, spec)
+    noise = None
+    if spec.rounding == "stochastic":
+        noise = make_noise(tuple(x.shape), spec, generator, x.device)
+    return torch.ops.agoq.quantize_blockwise(
+        x, spec.bits, spec.format, spec.block, spec.scale_dtype == torch.bfloat16, noise
+    )
+
+
+def split_wire(
+    wire: torch.Tensor, spec: QuantSpec, row_elems: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(payload (rows, payload_bytes), scales (rows, nblocks)): views into ``wire``."""
+    lay = row_layout(spec, row_elems)
+    if wire.dtype != torch.uint8 or wire.dim() != 2 or wire.shape[1] != lay.row_bytes:
+        raise ValueError(
+            f"split_wire: expected a uint8 (rows, {lay.row_bytes}) wire for rows of "
+            f"{row_elems} elements in {spec}, got {wire.dtype} {tuple(wire.shape)}"
+        )
+    payload = wire[:, : lay.payload_bytes]
+    scales = wire[:, lay.scale_offset :].view(spec.scale_dtype)
+    return payload, scales
+
+
+def dequantize_rows(
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+    spec: QuantSpec,
+    row_elems: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rebuild (rows, row_elems) of ``dtype`` from the payload and scales of a wire."""
+    return torch.ops.agoq.dequantize_blockwise(
+        payload, scales, spec.bits, spec.format, spec.block, row_elems, dtype
+    )
+
+
+__all__ = [
+    "RowLayout",
+    "dequantize_rows",
+    "make_noise",
+    "quantize_rows",
+    "row_layout",
+    "split_wire",
+]
