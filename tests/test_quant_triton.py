@@ -115,3 +115,24 @@ def test_backend_triton_refuses_unsupported_device():
         pytest.skip("needs a device Triton cannot run on")
     assert triton_kernels.available(torch.device("cpu"))  # interpreter on
     assert not triton_kernels.available(torch.device("meta"))
+
+
+@pytest.mark.parametrize("fmt,bits", [("int", 8), ("int", 3), ("fp4_e2m1", 4), ("fp8_e4m3", 8)])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_triton_wire_rows_equal_reference(fmt, bits, stochastic):
+    """The op's row layout (payload then scales per row, row-strided views) from Triton
+    equals the reference; with the op's noise, stochastic rounding does too."""
+    from agoq.quant import ops
+
+    rounding = "stochastic" if stochastic else "nearest"
+    spec = QuantSpec(bits=bits, format=fmt, block=32, scale_dtype=torch.bfloat16, rounding=rounding)
+    x = torch.stack([_sample(1001, s) for s in range(3)]).to(DEVICE)
+    x[1, 310] = -0.0
+    noise = ops.make_noise((3, 1001), spec, None, DEVICE) if stochastic else None
+    wire = triton_kernels.quantize_rows(x, spec, noise)
+    ref = ops._reference_quantize(x, spec, noise)
+    (p, s), (rp, rs) = ops.split_wire(wire, spec, 1001), ops.split_wire(ref, spec, 1001)
+    assert torch.equal(p, rp) and _same(s, rs)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = triton_kernels.dequantize_rows(rp, rs, spec, 1001, dtype)
+        assert _same(got, ops._reference_dequantize(rp, rs, spec, 1001, dtype))

@@ -260,10 +260,11 @@ def encode_block_values(
     """Codes (uint8, one per element) of fp32 rows ``xb`` scaled by ``s``."""
     ok = torch.isfinite(s) & (s > 0)
     v = xb / torch.where(ok, s, torch.ones_like(s))[:, None]
-    # Rows with a NaN scale hold NaN/Inf: give them the zero code. Eagerly this full pass is
-    # skipped when no row needs it (the common case).
+    # Rows with a NaN scale hold NaN/Inf: give them the zero code (an all-zero row, scale 0,
+    # keeps its signed zeros, as every backend does). Eagerly this full pass is skipped when
+    # no row needs it (the common case).
     if torch.compiler.is_compiling() or bool(torch.isnan(s).any()):
-        v = torch.where(ok[:, None], v, torch.zeros_like(v))
+        v = torch.where(torch.isnan(s)[:, None], torch.zeros_like(v), v)
     if spec.format == "int":
         qmax = spec.max_level
         # In place: v is this function's own temporary.
@@ -490,7 +491,7 @@ def dequantize_flat_torch(
 
 
 def _resolve(device: torch.device, backend: Backend) -> str:
-    """The implementation to run: "torch" or "triton"."""
+    """The implementation to run: "op" (the codec op, for "auto"), "torch" or "triton"."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "triton":
@@ -501,16 +502,7 @@ def _resolve(device: torch.device, backend: Backend) -> str:
                 f"agoq: the Triton backend cannot run on {device} here "
                 f"({triton_kernels.unavailable_reason(device)})"
             )
-        return "triton"
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        from . import triton_kernels
-
-        if triton_kernels.available(device):
-            return "triton"
-    # Under torch.compile the reference is traced and fused into the graph by inductor.
-    return "torch"
+    return "op" if backend == "auto" else backend
 
 
 def quantize(
@@ -522,19 +514,30 @@ def quantize(
 ) -> Packed:
     """Quantize a floating tensor block-wise into ``spec``; see the module doc for the layout.
 
-    ``generator`` seeds stochastic rounding. ``backend="auto"`` uses the fused Triton
-    kernels on CUDA when Triton is installed, else the pure-torch reference.
+    ``generator`` seeds stochastic rounding. ``backend="auto"`` runs the codec op
+    (``torch.ops.agoq.quantize_blockwise``: fused Triton on CUDA, the fused C kernel on CPU);
+    ``"torch"`` forces the pure-torch reference and ``"triton"`` the Triton kernels. The
+    payload and scales are views of one buffer (the op's wire row).
     """
     check_quantizable(x)
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be an agoq QuantSpec, got {type(spec).__name__}")
     flat, memory_order = _flatten(x.detach())
-    if _resolve(flat.device, backend) == "triton":
+    impl = _resolve(flat.device, backend)
+    if impl == "triton":
         from . import triton_kernels
 
         payload, scales = triton_kernels.quantize_flat(flat, spec, generator=generator)
-    else:
+    elif impl == "torch":
         payload, scales = quantize_flat_torch(flat, spec, generator)
+    else:
+        from . import ops
+
+        rows = flat.reshape(1, -1)
+        payload, scales = ops.split_wire(
+            ops.quantize_rows(rows, spec, generator=generator), spec, rows.shape[1]
+        )
+        payload, scales = payload[0], scales[0]
     return Packed(
         payload=payload,
         scales=scales,
@@ -551,10 +554,17 @@ def dequantize(p: Packed, *, backend: Backend = "auto") -> torch.Tensor:
     if not isinstance(p, Packed):
         raise TypeError(f"agoq.dequantize expects a Packed, got {type(p).__name__}")
     _validate_packed(p)
-    if _resolve(p.payload.device, backend) == "triton":
+    impl = _resolve(p.payload.device, backend)
+    if impl == "triton":
         from . import triton_kernels
 
         flat = triton_kernels.dequantize_flat(p.payload, p.scales, p.spec, p.numel, p.dtype)
-    else:
+    elif impl == "torch":
         flat = dequantize_flat_torch(p.payload, p.scales, p.spec, p.numel, p.dtype)
+    else:
+        from . import ops
+
+        flat = ops.dequantize_rows(
+            p.payload.view(1, -1), p.scales.view(1, -1), p.spec, p.numel, p.dtype
+        ).view(-1)
     return _restore(flat, p)

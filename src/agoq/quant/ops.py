@@ -70,7 +70,9 @@ def _spec(bits: int, fmt: str, block: int, bf16_scales: bool, stochastic: bool) 
 # ------------------------------------------------------------------ reference kernels
 
 
-def _reference_quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> torch.Tensor:
+def _reference_quantize(
+    x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None
+) -> torch.Tensor:
     """The torch reference over rows, loop-free (the fallback of every device)."""
     rows, n = x.shape
     lay = row_layout(spec, n)
@@ -127,7 +129,7 @@ def quantize_blockwise(
     elif x.device.type == "cuda":
         from . import triton_kernels
 
-        if triton_kernels.available(x.device) and hasattr(triton_kernels, "quantize_rows"):
+        if triton_kernels.available(x.device):
             return triton_kernels.quantize_rows(x, spec, noise)
     return _reference_quantize(x, spec, noise)
 
@@ -159,7 +161,7 @@ def dequantize_blockwise(
     elif payload.device.type == "cuda":
         from . import triton_kernels
 
-        if triton_kernels.available(payload.device) and hasattr(triton_kernels, "dequantize_rows"):
+        if triton_kernels.available(payload.device):
             return triton_kernels.dequantize_rows(payload, scales, spec, row_elems, dtype)
     return _reference_dequantize(payload, scales, spec, row_elems, dtype)
 
@@ -214,6 +216,8 @@ def split_wire(
             f"{row_elems} elements in {spec}, got {wire.dtype} {tuple(wire.shape)}"
         )
     payload = wire[:, : lay.payload_bytes]
+    if lay.nblocks == 0:  # a dtype view needs an aligned row stride, which (rows, 0) lacks
+        return payload, torch.empty((wire.shape[0], 0), dtype=spec.scale_dtype, device=wire.device)
     scales = wire[:, lay.scale_offset :].view(spec.scale_dtype)
     return payload, scales
 

@@ -77,7 +77,11 @@ if triton is not None:
         x_ptr,
         payload_ptr,
         scale_ptr,
-        n,
+        noise_ptr,
+        row_elems,
+        bpr,
+        p_stride,
+        s_stride,
         nblocks,
         seed,
         MAXV: tl.constexpr,
@@ -88,15 +92,24 @@ if triton is not None:
         MBITS: tl.constexpr,
         EMIN: tl.constexpr,
         STOCHASTIC: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
         BF16_SCALE: tl.constexpr,
         W0: tl.constexpr,
         W1: tl.constexpr,
     ):
+        # Block t is block b of wire row r: its elements start at r * row_elems + b * BLOCK,
+        # its payload at r * p_stride + b * BLOCK * BITS / 8, its scale at r * s_stride + b.
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        idx = rows.to(tl.int64)[:, None] * BLOCK + cols[None, :]
-        x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+        r = (rows // bpr).to(tl.int64)
+        b = (rows % bpr).to(tl.int64)
+        row_ok = rows < nblocks
+        in_row = b[:, None] * BLOCK + cols[None, :]
+        idx = r[:, None] * row_elems + in_row
+        x = tl.load(x_ptr + idx, mask=row_ok[:, None] & (in_row < row_elems), other=0.0).to(
+            tl.float32
+        )
 
         a = tl.abs(x)
         nonfinite = (x != x) | (a == float("inf"))
@@ -110,12 +123,15 @@ if triton is not None:
             s = tl.minimum(sbits, 0x7F7F0000).to(tl.float32, bitcast=True)
         ok = (s > 0.0) & (~bad)
         v = tl.math.div_rn(x, tl.where(ok, s, 1.0)[:, None])
-        v = tl.where(ok[:, None], v, 0.0)
-        if STOCHASTIC:
+        v = tl.where(bad[:, None], 0.0, v)
+        if HAS_NOISE:
+            nidx = rows.to(tl.int64)[:, None] * BLOCK + cols[None, :]
+            noise = tl.load(noise_ptr + nidx, mask=row_ok[:, None], other=0.0)
+        elif STOCHASTIC:
             noise = tl.rand(seed, idx)
 
         if IS_INT:
-            if STOCHASTIC:
+            if STOCHASTIC or HAS_NOISE:
                 q = tl.floor(v + noise)
             else:
                 q = _round_half_even(v)
@@ -125,23 +141,28 @@ if triton is not None:
             av = tl.abs(v)
             e = tl.maximum(_exponent(av), EMIN)
             ulp = _pow2(e - MBITS)
-            if STOCHASTIC:
-                r = tl.floor(av / ulp + noise)
+            if STOCHASTIC or HAS_NOISE:
+                rq = tl.floor(av / ulp + noise)
             else:
-                r = _round_half_even(av / ulp)
-            mag = tl.minimum(r * ulp, MAXV)
+                rq = _round_half_even(av / ulp)
+            mag = tl.minimum(rq * ulp, MAXV)
             e2 = tl.maximum(_exponent(mag), EMIN)
             normal = mag >= _pow2(tl.full(mag.shape, EMIN, tl.int32))
             field_e = tl.where(normal, e2 - EMIN + 1, 0)
             mant = (mag / _pow2(e2 - MBITS)).to(tl.int32) - tl.where(normal, 1 << MBITS, 0)
-            sign = (v < 0.0).to(tl.int32)
+            if MBITS == 3 and not (STOCHASTIC or HAS_NOISE):
+                # The reference's nearest E4M3 is torch's cast, which keeps the sign of -0.
+                sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
+            else:
+                sign = (v < 0.0).to(tl.int32)
             code = (sign << (BITS - 1)) | (field_e << MBITS) | mant
 
-        row_ok = rows < nblocks
         scale_out = tl.where(bad, float("nan"), s)
-        tl.store(scale_ptr + rows, scale_out.to(scale_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(
+            scale_ptr + r * s_stride + b, scale_out.to(scale_ptr.dtype.element_ty), mask=row_ok
+        )
 
-        row_base = rows.to(tl.int64)[:, None] * (BLOCK * BITS // 8)
+        row_base = (r * p_stride + b * (BLOCK * BITS // 8))[:, None]
         _store_plane(payload_ptr, row_base, 0, code, row_ok, W0, 0, ROWS, BLOCK)
         if W1 > 0:
             _store_plane(
@@ -193,7 +214,10 @@ if triton is not None:
         payload_ptr,
         scale_ptr,
         out_ptr,
-        n,
+        row_elems,
+        bpr,
+        p_stride,
+        s_stride,
         nblocks,
         BLOCK: tl.constexpr,
         ROWS: tl.constexpr,
@@ -211,8 +235,12 @@ if triton is not None:
         rows = pid * ROWS + tl.arange(0, ROWS)
         row_ok = rows < nblocks
         cols = tl.arange(0, BLOCK)
-        idx = rows.to(tl.int64)[:, None] * BLOCK + cols[None, :]
-        row_base = rows.to(tl.int64)[:, None] * (BLOCK * BITS // 8)
+        r = (rows // bpr).to(tl.int64)
+        b = (rows % bpr).to(tl.int64)
+        in_row = b[:, None] * BLOCK + cols[None, :]
+        idx = r[:, None] * row_elems + in_row
+        out_ok = row_ok[:, None] & (in_row < row_elems)
+        row_base = (r * p_stride + b * (BLOCK * BITS // 8))[:, None]
         code = _load_plane(payload_ptr, row_base, 0, row_ok, W0, 0, ROWS, BLOCK)
         if W1 > 0:
             code = code | _load_plane(
@@ -230,7 +258,7 @@ if triton is not None:
             val = sign * frac * _pow2(e)
             if IS_E4M3:
                 val = tl.where((code & 0x7F) == 0x7F, float("nan"), val)
-        s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + r * s_stride + b, mask=row_ok, other=0.0).to(tl.float32)
         out = val * s[:, None]
         # Saturate like the reference; comparisons keep NaN (tl.maximum would drop it).
         out = tl.where(out > FMAX, FMAX, tl.where(out < -FMAX, -FMAX, out))
@@ -240,9 +268,9 @@ if triton is not None:
             bits = out.to(tl.int32, bitcast=True)
             rne = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
             rne = tl.where(out != out, 0x7FC0, rne)
-            tl.store(out_ptr + idx, rne.to(tl.int16), mask=idx < n)
+            tl.store(out_ptr + idx, rne.to(tl.int16), mask=out_ok)
         else:
-            tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=idx < n)
+            tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 def _rows_per_program(spec: QuantSpec, device: torch.device) -> int:
@@ -259,36 +287,129 @@ def _format_consts(spec: QuantSpec) -> dict:
     return {"IS_INT": False, "MBITS": mf.mbits, "EMIN": mf.emin, **consts}
 
 
-def quantize_flat(
-    flat: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused quantize+pack of a 1-D tensor: returns (payload, scales) in the codec layout."""
-    n = flat.numel()
-    nblocks = -(-n // spec.block)
-    payload = torch.empty(spec.payload_nbytes(n), dtype=torch.uint8, device=flat.device)
-    scales = torch.empty(nblocks, dtype=spec.scale_dtype, device=flat.device)
+def _launch_quantize(
+    x: torch.Tensor,
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+    spec: QuantSpec,
+    noise: torch.Tensor | None,
+    seed: int,
+    p_stride: int,
+    s_stride: int,
+) -> None:
+    rows_, n = x.shape
+    bpr = -(-n // spec.block)
+    nblocks = rows_ * bpr
     if nblocks == 0:
-        return payload, scales
-    seed = 0
-    if spec.rounding == "stochastic":
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device="cpu"))
-    rows = _rows_per_program(spec, flat.device)
-    grid = (triton.cdiv(nblocks, rows),)
-    _quantize_kernel[grid](
-        flat.contiguous(),
+        return
+    per = _rows_per_program(spec, x.device)
+    _quantize_kernel[(triton.cdiv(nblocks, per),)](
+        x,
         payload,
         scales,
+        noise if noise is not None else x,
         n,
+        bpr,
+        p_stride,
+        s_stride,
         nblocks,
         seed,
         MAXV=spec.max_level,
         BLOCK=spec.block,
-        ROWS=rows,
+        ROWS=per,
         BITS=spec.bits,
-        STOCHASTIC=spec.rounding == "stochastic",
+        STOCHASTIC=spec.rounding == "stochastic" and noise is None,
+        HAS_NOISE=noise is not None,
         BF16_SCALE=spec.scale_dtype == torch.bfloat16,
         **_format_consts(spec),
     )
+
+
+def _launch_dequantize(
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+    out: torch.Tensor,
+    spec: QuantSpec,
+    rows_: int,
+    n: int,
+    p_stride: int,
+    s_stride: int,
+) -> None:
+    bpr = -(-n // spec.block)
+    nblocks = rows_ * bpr
+    if nblocks == 0:
+        return
+    per = _rows_per_program(spec, payload.device)
+    _dequantize_kernel[(triton.cdiv(nblocks, per),)](
+        payload,
+        scales,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        n,
+        bpr,
+        p_stride,
+        s_stride,
+        nblocks,
+        BLOCK=spec.block,
+        ROWS=per,
+        BITS=spec.bits,
+        IS_E4M3=spec.format == "fp8_e4m3",
+        OUT_BF16=out.dtype == torch.bfloat16,
+        FMAX=finite_max(out.dtype),
+        **_format_consts(spec),
+    )
+
+
+def quantize_rows(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> torch.Tensor:
+    """The codec op's wire (rows, row_bytes) of contiguous ``x`` (rows, row_elems), fused.
+
+    With ``noise`` (the op's uniform draws) stochastic rounding gives the reference's bits."""
+    from .ops import row_layout
+
+    rows_, n = x.shape
+    lay = row_layout(spec, n)
+    wire = torch.zeros((rows_, lay.row_bytes), dtype=torch.uint8, device=x.device)
+    if rows_ and lay.nblocks:
+        scales = wire[:, lay.scale_offset :].view(spec.scale_dtype)
+        _launch_quantize(
+            x, wire, scales, spec, noise, 0, lay.row_bytes, scales.stride(0) if rows_ > 1 else 0
+        )
+    return wire
+
+
+def dequantize_rows(
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows (rows, n) of ``dtype`` from row-strided payload and scales views, fused."""
+    rows_ = payload.shape[0]
+    out = torch.empty((rows_, n), dtype=dtype, device=payload.device)
+    if rows_ and n:
+        _launch_dequantize(
+            payload,
+            scales,
+            out,
+            spec,
+            rows_,
+            n,
+            payload.stride(0) if rows_ > 1 else 0,
+            scales.stride(0) if rows_ > 1 else 0,
+        )
+    return out
+
+
+def quantize_flat(
+    flat: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused quantize+pack of a 1-D tensor: returns (payload, scales) in the codec layout.
+
+    Stochastic rounding draws from Triton's Philox stream, seeded from ``generator``."""
+    n = flat.numel()
+    nblocks = -(-n // spec.block)
+    payload = torch.empty(spec.payload_nbytes(n), dtype=torch.uint8, device=flat.device)
+    scales = torch.empty(nblocks, dtype=spec.scale_dtype, device=flat.device)
+    seed = 0
+    if spec.rounding == "stochastic":
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device="cpu"))
+    _launch_quantize(flat.contiguous().view(1, -1), payload, scales, spec, None, seed, 0, 0)
     return payload, scales
 
 
@@ -297,23 +418,5 @@ def dequantize_flat(
 ) -> torch.Tensor:
     """Fused unpack+dequantize: the first ``numel`` elements as ``dtype``."""
     out = torch.empty(numel, dtype=dtype, device=payload.device)
-    nblocks = scales.numel()
-    if numel == 0:
-        return out
-    rows = _rows_per_program(spec, payload.device)
-    consts = _format_consts(spec)
-    _dequantize_kernel[(triton.cdiv(nblocks, rows),)](
-        payload,
-        scales,
-        out.view(torch.int16) if dtype == torch.bfloat16 else out,
-        numel,
-        nblocks,
-        BLOCK=spec.block,
-        ROWS=rows,
-        BITS=spec.bits,
-        IS_E4M3=spec.format == "fp8_e4m3",
-        OUT_BF16=dtype == torch.bfloat16,
-        FMAX=finite_max(dtype),
-        **consts,
-    )
+    _launch_dequantize(payload, scales, out, spec, 1, numel, 0, 0)
     return out

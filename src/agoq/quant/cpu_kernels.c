@@ -1,0 +1,271 @@
+/* Fused CPU kernels of the agoq codec: quantize+pack and unpack+dequantize in one pass
+ * over each block, the block held in L1. Built by agoq/quant/cpu_kernels.py with
+ * -O3 and no fast-math: every float operation is the IEEE one the torch reference does,
+ * in the same order, so the bits are the reference's (tests/test_quant_ops.py checks it).
+ *
+ * dtype codes: 0 float32, 1 bfloat16, 2 float16.  fmt codes: 0 int, 1 fp4_e2m1, 2 fp8_e4m3.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_BLOCK 4096
+
+static inline float bits2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f2bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static void load_block(const void *x, int dtype, int64_t start, int64_t count, int block,
+                       float *out) {
+    int64_t i;
+    if (dtype == 0) {
+        const float *p = (const float *)x + start;
+        for (i = 0; i < count; i++) out[i] = p[i];
+    } else if (dtype == 1) {
+        const uint16_t *p = (const uint16_t *)x + start;
+        for (i = 0; i < count; i++) out[i] = bits2f((uint32_t)p[i] << 16);
+    } else {
+        const _Float16 *p = (const _Float16 *)x + start;
+        for (i = 0; i < count; i++) out[i] = (float)p[i];
+    }
+    for (i = count; i < block; i++) out[i] = 0.0f;
+}
+
+/* torch's float -> float8_e4m3fn (c10's algorithm, branch-free so it vectorises): round to
+ * nearest even; magnitudes >= 464 give the NaN code (never reached: |v| <= 448). */
+static inline uint8_t e4m3_from_f32(float f) {
+    uint32_t fb = f2bits(f);
+    const uint32_t sign = fb & 0x80000000u;
+    const uint32_t denorm = 141u << 23;
+    fb ^= sign;
+    uint32_t sub = f2bits(bits2f(fb) + bits2f(denorm)) - denorm;
+    uint32_t nrm = (fb + ((uint32_t)(7 - 127) << 23) + 0x7FFFFu + ((fb >> 20) & 1u)) >> 20;
+    uint32_t r = fb < (121u << 23) ? sub : nrm;
+    r = fb >= (1087u << 20) ? 0x7Fu : r;
+    return (uint8_t)(r | (sign >> 24));
+}
+
+/* One bit plane of width w (k = 8 / w codes per byte, planar: byte j holds codes
+ * j, j + n, ..., j + (k-1)n of the block at bit offsets 0, w, ...). */
+static void pack_plane(const uint8_t *c, int n, int w, int shift, uint8_t *dst) {
+    const uint8_t m = (uint8_t)((1 << w) - 1);
+    if (w == 4) {
+        for (int j = 0; j < n; j++)
+            dst[j] = (uint8_t)(((c[j] >> shift) & m) | (((c[j + n] >> shift) & m) << 4));
+    } else if (w == 2) {
+        for (int j = 0; j < n; j++)
+            dst[j] = (uint8_t)(((c[j] >> shift) & m) | (((c[j + n] >> shift) & m) << 2) |
+                               (((c[j + 2 * n] >> shift) & m) << 4) |
+                               (((c[j + 3 * n] >> shift) & m) << 6));
+    } else { /* w == 1 */
+        for (int j = 0; j < n; j++) {
+            uint8_t b = 0;
+            for (int i = 0; i < 8; i++) b |= (uint8_t)(((c[j + i * n] >> shift) & 1) << i);
+            dst[j] = b;
+        }
+    }
+}
+
+static void unpack_plane(const uint8_t *src, int n, int w, int shift, int first, uint8_t *c) {
+    const uint8_t m = (uint8_t)((1 << w) - 1);
+    const int k = 8 / w;
+    for (int i = 0; i < k; i++) {
+        uint8_t *ci = c + i * n;
+        if (first)
+            for (int j = 0; j < n; j++) ci[j] = (uint8_t)((src[j] >> (i * w)) & m);
+        else
+            for (int j = 0; j < n; j++) ci[j] |= (uint8_t)(((src[j] >> (i * w)) & m) << shift);
+    }
+}
+
+static const int PLANE_W[9][2] = {
+    {0, 0}, {0, 0}, {2, 0}, {2, 1}, {4, 0}, {4, 1}, {4, 2}, {0, 0}, {8, 0}};
+
+static void pack_block(const uint8_t *codes, int block, int bits, uint8_t *dst) {
+    if (bits == 8) {
+        memcpy(dst, codes, (size_t)block);
+        return;
+    }
+    int shift = 0;
+    for (int p = 0; p < 2 && PLANE_W[bits][p]; p++) {
+        int w = PLANE_W[bits][p], n = block / (8 / w);
+        pack_plane(codes, n, w, shift, dst);
+        dst += n;
+        shift += w;
+    }
+}
+
+static void unpack_block(const uint8_t *src, int block, int bits, uint8_t *codes) {
+    if (bits == 8) {
+        memcpy(codes, src, (size_t)block);
+        return;
+    }
+    int shift = 0;
+    for (int p = 0; p < 2 && PLANE_W[bits][p]; p++) {
+        int w = PLANE_W[bits][p], n = block / (8 / w);
+        unpack_plane(src, n, w, shift, p == 0, codes);
+        src += n;
+        shift += w;
+    }
+}
+
+/* The scale of one block, as codec.block_scales computes it (NaN for a non-finite block). */
+static inline float block_scale(const float *v, int block, float maxv, int bf16_scale) {
+    /* |v| as integers: for non-negative floats the bit patterns order like the values, and
+     * every NaN sorts above +inf, so one integer max finds absmax and non-finite blocks. */
+    uint32_t m = 0;
+    for (int i = 0; i < block; i++) {
+        uint32_t a = f2bits(v[i]) & 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    if (m >= 0x7F800000u) return NAN;
+    float amax = bits2f(m);
+    float s = amax / maxv;
+    if (amax / s > maxv) s = bits2f(f2bits(s) + 1u); /* nextafter(s, +inf), s >= 0 finite */
+    if (bf16_scale) {
+        int32_t b = ((int32_t)f2bits(s) + 0xFFFF) & -0x10000;
+        if (b > 0x7F7F0000) b = 0x7F7F0000;
+        s = bits2f((uint32_t)b);
+    }
+    return s;
+}
+
+static void encode_block(const float *xv, float s, int block, int bits, int fmt, float maxv,
+                         const float *noise, uint8_t *codes) {
+    float v[MAX_BLOCK];
+    int ok = (s > 0.0f) && (s <= 3.40282347e38f); /* finite and positive */
+    if (ok) {
+        for (int i = 0; i < block; i++) v[i] = xv[i] / s;
+    } else if (s == 0.0f) {
+        for (int i = 0; i < block; i++) v[i] = xv[i] / 1.0f; /* an all-zero block keeps -0 */
+    } else {
+        for (int i = 0; i < block; i++) v[i] = 0.0f; /* non-finite block: the zero code */
+    }
+    if (fmt == 0) {
+        /* |v| <= maxv by the scale's rounding, so the clamp is the reference's safety net;
+         * done on integers, where it vectorises. */
+        const int32_t qmax = (int32_t)maxv, half = 1 << (bits - 1);
+        if (noise) {
+            for (int i = 0; i < block; i++) {
+                int32_t q = (int32_t)floorf(v[i] + noise[i]);
+                q = q < -qmax ? -qmax : q;
+                q = q > qmax ? qmax : q;
+                codes[i] = (uint8_t)(q + half);
+            }
+        } else {
+            for (int i = 0; i < block; i++) {
+                int32_t q = (int32_t)rintf(v[i]);
+                q = q < -qmax ? -qmax : q;
+                q = q > qmax ? qmax : q;
+                codes[i] = (uint8_t)(q + half);
+            }
+        }
+    } else if (fmt == 1) {
+        for (int i = 0; i < block; i++) {
+            uint32_t vb = f2bits(v[i]);
+            uint32_t b = vb & 0x7FFFFFFFu; /* |v| */
+            float a = bits2f(b);
+            /* [1, 6]: round the mantissa to one bit, ties to even (a carry is the next
+             * binade); [0, 1): multiples of 0.5 by the magic-number add. */
+            int32_t normal = (int32_t)((b + 0x1FFFFFu + ((b >> 22) & 1u)) >> 22) - (126 << 1);
+            float sub = (a + 4194304.0f) - 4194304.0f;
+            int32_t subc = (int32_t)(sub * 2.0f);
+            int32_t code = b >= 0x3F800000u ? normal : subc;
+            int32_t neg = (int32_t)(vb >> 31) & (int32_t)(vb != 0x80000000u);
+            codes[i] = (uint8_t)(code | (neg << 3));
+        }
+    } else {
+        for (int i = 0; i < block; i++) codes[i] = e4m3_from_f32(v[i]);
+    }
+}
+
+int agoq_quantize(const void *x, int dtype, int64_t rows, int64_t row_elems,
+                  const float *noise, uint8_t *wire, int64_t row_bytes, int64_t scale_off,
+                  int bits, int fmt, int block, int bf16_scale, float maxv, int nthreads) {
+    if (block > MAX_BLOCK || block <= 0) return 1;
+    const int64_t nb = (row_elems + block - 1) / block;
+    const int64_t total = rows * nb;
+    const int64_t bbytes = (int64_t)block * bits / 8;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < total; t++) {
+        float xv[MAX_BLOCK];
+        uint8_t codes[MAX_BLOCK];
+        int64_t r = t / nb, b = t % nb;
+        int64_t start = b * block;
+        int64_t count = row_elems - start < block ? row_elems - start : block;
+        load_block(x, dtype, r * row_elems + start, count, block, xv);
+        float s = block_scale(xv, block, maxv, bf16_scale);
+        const float *nz = noise ? noise + (r * nb + b) * block : 0;
+        encode_block(xv, s, block, bits, fmt, maxv, nz, codes);
+        uint8_t *row = wire + r * row_bytes;
+        pack_block(codes, block, bits, row + b * bbytes);
+        if (bf16_scale) {
+            uint16_t h = (uint16_t)(f2bits(s) >> 16);
+            memcpy(row + scale_off + b * 2, &h, 2);
+        } else {
+            memcpy(row + scale_off + b * 4, &s, 4);
+        }
+        if (b == nb - 1) { /* the alignment gap and tail of the row are zero */
+            memset(row + nb * bbytes, 0, (size_t)(scale_off - nb * bbytes));
+            int64_t end = scale_off + nb * (bf16_scale ? 2 : 4);
+            memset(row + end, 0, (size_t)(row_bytes - end));
+        }
+    }
+    return 0;
+}
+
+/* float -> bfloat16, round to nearest even (torch's rounding; a NaN stays a NaN). */
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u = f2bits(f);
+    uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : r;
+}
+
+int agoq_dequantize(const uint8_t *payload, int64_t p_stride, const void *scales,
+                    int64_t s_stride, int bf16_scale, void *out, int dtype, int64_t rows,
+                    int64_t row_elems, int bits, int fmt, int block, const float *lut,
+                    float fmax, int nthreads) {
+    if (block > MAX_BLOCK || block <= 0) return 1;
+    const int64_t nb = (row_elems + block - 1) / block;
+    const int64_t total = rows * nb;
+    const int64_t bbytes = (int64_t)block * bits / 8;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < total; t++) {
+        uint8_t codes[MAX_BLOCK];
+        float v[MAX_BLOCK];
+        int64_t r = t / nb, b = t % nb;
+        unpack_block(payload + r * p_stride + b * bbytes, block, bits, codes);
+        float s;
+        if (bf16_scale) {
+            uint16_t h = ((const uint16_t *)scales)[r * s_stride + b];
+            s = bits2f((uint32_t)h << 16);
+        } else {
+            s = ((const float *)scales)[r * s_stride + b];
+        }
+        if (fmt == 0) {
+            const float half = (float)(1 << (bits - 1));
+            for (int i = 0; i < block; i++) v[i] = ((float)codes[i] - half) * s;
+        } else {
+            for (int i = 0; i < block; i++) v[i] = lut[codes[i]] * s;
+        }
+        /* Saturate (a scale rounded up can push the top code one ulp past the range);
+         * the comparisons keep NaN. */
+        for (int i = 0; i < block; i++) {
+            float a = v[i];
+            a = a > fmax ? fmax : a;
+            v[i] = a < -fmax ? -fmax : a;
+        }
+        int64_t start = b * block;
+        int64_t count = row_elems - start < block ? row_elems - start : block;
+        int64_t o = r * row_elems + start;
+        if (dtype == 0) {
+            memcpy((float *)out + o, v, (size_t)count * 4);
+        } else if (dtype == 1) {
+            uint16_t *dst = (uint16_t *)out + o;
+            for (int64_t i = 0; i < count; i++) dst[i] = bf16_rne(v[i]);
+        } else {
+            _Float16 *dst = (_Float16 *)out + o;
+            for (int64_t i = 0; i < count; i++) dst[i] = (_Float16)v[i];
+        }
+    }
+    return 0;
+}
