@@ -160,3 +160,31 @@ def test_kernel_unavailable_falls_back_to_reference(monkeypatch):
     pf, sf = ops.split_wire(fast, spec, 600)
     ps, ss = ops.split_wire(slow, spec, 600)
     assert torch.equal(pf, ps) and _same(sf, ss)
+
+
+@pytest.mark.parametrize("dtype", IN_DTYPES)
+def test_dequantize_into_a_preallocated_buffer(dtype):
+    spec = QuantSpec(bits=4, format="fp4_e2m1", block=32, scale_dtype=torch.bfloat16)
+    x = _sample(2, 500, torch.float32)
+    p, s = ops.split_wire(ops.quantize_rows(x, spec), spec, 500)
+    out = torch.full((2, 500), 7.0, dtype=dtype)
+    assert ops.dequantize_rows(p, s, spec, 500, out=out) is out
+    assert _same(out, ops.dequantize_rows(p, s, spec, 500, dtype))
+    with pytest.raises(ValueError, match="out must be"):
+        ops.dequantize_rows(p, s, spec, 500, out=torch.empty(2, 499))
+    with pytest.raises(ValueError, match="out must be"):
+        ops.dequantize_rows(p, s, spec, 500, out=torch.empty(500, 2).t())
+
+
+@needs_kernel
+def test_fp4_rounding_ties_go_to_even_like_the_reference():
+    """Values exactly on the E2M1 midpoints (scale 1): the fused kernel's threshold encode
+    and the reference's bit arithmetic must pick the same (even) code."""
+    spec = QuantSpec(bits=4, format="fp4_e2m1", block=16)
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
+    x = torch.tensor([ties + [-t for t in ties]], dtype=torch.float32)
+    wire = ops.quantize_rows(x, spec)
+    ref = ops._reference_quantize(x, spec, None)
+    assert torch.equal(wire, ref)
+    back = ops.dequantize_rows(*ops.split_wire(wire, spec, 16), spec, 16)[0]
+    assert back[:8].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0]

@@ -129,52 +129,45 @@ static inline float block_scale(const float *v, int block, float maxv, int bf16_
     return s;
 }
 
-static void encode_block(const float *xv, float s, int block, int bits, int fmt, float maxv,
+/* Codes of one block (xv is the block's fp32 values, scratch: it may be overwritten). */
+static void encode_block(float *xv, float s, int block, int bits, int fmt, float maxv,
                          const float *noise, uint8_t *codes) {
-    float v[MAX_BLOCK];
     int ok = (s > 0.0f) && (s <= 3.40282347e38f); /* finite and positive */
-    if (ok) {
-        for (int i = 0; i < block; i++) v[i] = xv[i] / s;
-    } else if (s == 0.0f) {
-        for (int i = 0; i < block; i++) v[i] = xv[i] / 1.0f; /* an all-zero block keeps -0 */
-    } else {
-        for (int i = 0; i < block; i++) v[i] = 0.0f; /* non-finite block: the zero code */
-    }
+    /* v = x / s; an all-zero block (s = 0) keeps x / 1 (its signed zeros); a non-finite
+     * block (s NaN) gets the zero code. */
+    const float d = ok ? s : 1.0f;
+    if (!ok && s != 0.0f) memset(xv, 0, (size_t)block * sizeof(float));
     if (fmt == 0) {
         /* |v| <= maxv by the scale's rounding, so the clamp is the reference's safety net;
          * done on integers, where it vectorises. */
         const int32_t qmax = (int32_t)maxv, half = 1 << (bits - 1);
         if (noise) {
             for (int i = 0; i < block; i++) {
-                int32_t q = (int32_t)floorf(v[i] + noise[i]);
+                int32_t q = (int32_t)floorf(xv[i] / d + noise[i]);
                 q = q < -qmax ? -qmax : q;
                 q = q > qmax ? qmax : q;
                 codes[i] = (uint8_t)(q + half);
             }
         } else {
             for (int i = 0; i < block; i++) {
-                int32_t q = (int32_t)rintf(v[i]);
+                int32_t q = (int32_t)rintf(xv[i] / d);
                 q = q < -qmax ? -qmax : q;
                 q = q > qmax ? qmax : q;
                 codes[i] = (uint8_t)(q + half);
             }
         }
     } else if (fmt == 1) {
+        /* Nearest-even E2M1 of |v| <= 6 by its rounding thresholds (the midpoints of the
+         * grid 0, .5, 1, 1.5, 2, 3, 4, 6; a tie goes to the even code: > or >=). */
         for (int i = 0; i < block; i++) {
-            uint32_t vb = f2bits(v[i]);
-            uint32_t b = vb & 0x7FFFFFFFu; /* |v| */
-            float a = bits2f(b);
-            /* [1, 6]: round the mantissa to one bit, ties to even (a carry is the next
-             * binade); [0, 1): multiples of 0.5 by the magic-number add. */
-            int32_t normal = (int32_t)((b + 0x1FFFFFu + ((b >> 22) & 1u)) >> 22) - (126 << 1);
-            float sub = (a + 4194304.0f) - 4194304.0f;
-            int32_t subc = (int32_t)(sub * 2.0f);
-            int32_t code = b >= 0x3F800000u ? normal : subc;
-            int32_t neg = (int32_t)(vb >> 31) & (int32_t)(vb != 0x80000000u);
-            codes[i] = (uint8_t)(code | (neg << 3));
+            float v = xv[i] / d;
+            float a = fabsf(v);
+            int32_t code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) +
+                           (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
+            codes[i] = (uint8_t)(code | ((int32_t)(v < 0.0f) << 3));
         }
     } else {
-        for (int i = 0; i < block; i++) codes[i] = e4m3_from_f32(v[i]);
+        for (int i = 0; i < block; i++) codes[i] = e4m3_from_f32(xv[i] / d);
     }
 }
 
@@ -244,6 +237,14 @@ int agoq_dequantize(const uint8_t *payload, int64_t p_stride, const void *scales
         if (fmt == 0) {
             const float half = (float)(1 << (bits - 1));
             for (int i = 0; i < block; i++) v[i] = ((float)codes[i] - half) * s;
+        } else if (fmt == 1) {
+            /* E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 (exact, as the table's). */
+            for (int i = 0; i < block; i++) {
+                int32_t m = codes[i] & 7;
+                float mag = m < 4 ? 0.5f * (float)m : (m < 6 ? (float)(m - 2) : (float)(2 * m - 8));
+                float val = (codes[i] & 8) ? -mag : mag;
+                v[i] = val * s;
+            }
         } else {
             for (int i = 0; i < block; i++) v[i] = lut[codes[i]] * s;
         }

@@ -216,13 +216,12 @@ def quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> to
 
 
 def dequantize(
-    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Rows (rows, n) of ``dtype`` from row-strided payload and scales views."""
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, out: torch.Tensor
+) -> None:
+    """Write rows (rows, n) into contiguous ``out`` from row-strided payload and scales views."""
     rows = payload.shape[0]
-    out = torch.empty((rows, n), dtype=dtype)
     if rows == 0 or n == 0:
-        return out
+        return
     if payload.stride(-1) != 1 and payload.shape[-1] > 1:
         payload = payload.contiguous()
     if scales.stride(-1) != 1 and scales.shape[-1] > 1:
@@ -237,19 +236,18 @@ def dequantize(
         scales.stride(0) if rows > 1 else 0,
         int(scales.dtype == torch.bfloat16),
         out.data_ptr(),
-        _DTYPES[dtype],
+        _DTYPES[out.dtype],
         rows,
         n,
         spec.bits,
         _FORMATS[spec.format],
         spec.block,
         lut.data_ptr() if lut is not None else None,
-        codec.finite_max(dtype),
+        codec.finite_max(out.dtype),
         _threads(rows * n),
     )
     if rc != 0:
         raise RuntimeError(f"agoq CPU dequantize kernel failed (code {rc}) for {spec}")
-    return out
 
 
 __all__ = ["dequantize", "library", "quantize", "supports", "unavailable_reason"]

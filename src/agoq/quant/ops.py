@@ -140,6 +140,24 @@ def _(x, bits, fmt, block, bf16_scales, noise=None):
     return x.new_empty((x.shape[0], lay.row_bytes), dtype=torch.uint8)
 
 
+def _dequantize_into(
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, out: torch.Tensor
+) -> None:
+    if payload.device.type == "cpu":
+        from . import cpu_kernels
+
+        if cpu_kernels.supports(spec, out.dtype):
+            cpu_kernels.dequantize(payload, scales, spec, n, out)
+            return
+    elif payload.device.type == "cuda":
+        from . import triton_kernels
+
+        if triton_kernels.available(payload.device):
+            triton_kernels.dequantize_rows(payload, scales, spec, n, out)
+            return
+    out.copy_(_reference_dequantize(payload, scales, spec, n, out.dtype))
+
+
 @torch.library.custom_op("agoq::dequantize_blockwise", mutates_args=())
 def dequantize_blockwise(
     payload: torch.Tensor,
@@ -153,22 +171,34 @@ def dequantize_blockwise(
     """Rows (rows, row_elems) of ``dtype`` from payload (rows, payload_bytes) and scales
     (rows, nblocks); both may be row-strided views of a wire."""
     spec = _spec(bits, fmt, block, scales.dtype == torch.bfloat16, False)
-    if payload.device.type == "cpu":
-        from . import cpu_kernels
-
-        if cpu_kernels.supports(spec, dtype):
-            return cpu_kernels.dequantize(payload, scales, spec, row_elems, dtype)
-    elif payload.device.type == "cuda":
-        from . import triton_kernels
-
-        if triton_kernels.available(payload.device):
-            return triton_kernels.dequantize_rows(payload, scales, spec, row_elems, dtype)
-    return _reference_dequantize(payload, scales, spec, row_elems, dtype)
+    out = torch.empty((payload.shape[0], row_elems), dtype=dtype, device=payload.device)
+    _dequantize_into(payload, scales, spec, row_elems, out)
+    return out
 
 
 @dequantize_blockwise.register_fake
 def _(payload, scales, bits, fmt, block, row_elems, dtype):
     return payload.new_empty((payload.shape[0], row_elems), dtype=dtype)
+
+
+@torch.library.custom_op("agoq::dequantize_blockwise_into", mutates_args=("out",))
+def dequantize_blockwise_into(
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    fmt: str,
+    block: int,
+    out: torch.Tensor,
+) -> None:
+    """:func:`dequantize_blockwise` written into ``out`` (contiguous (rows, row_elems)): no
+    allocation, e.g. straight into a gradient buffer."""
+    spec = _spec(bits, fmt, block, scales.dtype == torch.bfloat16, False)
+    _dequantize_into(payload, scales, spec, out.shape[1], out)
+
+
+@dequantize_blockwise_into.register_fake
+def _(payload, scales, bits, fmt, block, out):
+    return None
 
 
 # ---------------------------------------------------------------------- Python API
@@ -228,11 +258,32 @@ def dequantize_rows(
     spec: QuantSpec,
     row_elems: int,
     dtype: torch.dtype = torch.float32,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rebuild (rows, row_elems) of ``dtype`` from the payload and scales of a wire."""
-    return torch.ops.agoq.dequantize_blockwise(
-        payload, scales, spec.bits, spec.format, spec.block, row_elems, dtype
+    """Rebuild (rows, row_elems) of ``dtype`` from the payload and scales of a wire.
+
+    ``out`` (contiguous, (rows, row_elems), on the payload's device) receives the values
+    instead of a new tensor; its dtype is the output dtype."""
+    if out is None:
+        return torch.ops.agoq.dequantize_blockwise(
+            payload, scales, spec.bits, spec.format, spec.block, row_elems, dtype
+        )
+    if (
+        not isinstance(out, torch.Tensor)
+        or tuple(out.shape) != (payload.shape[0], row_elems)
+        or not out.is_contiguous()
+        or out.device != payload.device
+        or out.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+    ):
+        raise ValueError(
+            f"dequantize_rows: out must be a contiguous float32/bfloat16/float16 tensor of "
+            f"shape ({payload.shape[0]}, {row_elems}) on {payload.device}"
+        )
+    torch.ops.agoq.dequantize_blockwise_into(
+        payload, scales, spec.bits, spec.format, spec.block, out
     )
+    return out
 
 
 __all__ = [

@@ -377,11 +377,10 @@ def quantize_rows(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) 
 
 
 def dequantize_rows(
-    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Rows (rows, n) of ``dtype`` from row-strided payload and scales views, fused."""
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, out: torch.Tensor
+) -> None:
+    """Write rows (rows, n) into contiguous ``out`` from row-strided payload and scales views."""
     rows_ = payload.shape[0]
-    out = torch.empty((rows_, n), dtype=dtype, device=payload.device)
     if rows_ and n:
         _launch_dequantize(
             payload,
@@ -393,7 +392,6 @@ def dequantize_rows(
             payload.stride(0) if rows_ > 1 else 0,
             scales.stride(0) if rows_ > 1 else 0,
         )
-    return out
 
 
 def quantize_flat(
