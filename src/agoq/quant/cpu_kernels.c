@@ -129,45 +129,75 @@ static inline float block_scale(const float *v, int block, float maxv, int bf16_
     return s;
 }
 
-/* Codes of one block (xv is the block's fp32 values, scratch: it may be overwritten). */
+/* One element's code. Int: |v| <= maxv by the scale's rounding, so the clamp is the
+ * reference's safety net, done on integers where it vectorises. */
+static inline int32_t enc_int(float v, int32_t qmax, int32_t half) {
+    int32_t q = (int32_t)rintf(v);
+    q = q < -qmax ? -qmax : q;
+    q = q > qmax ? qmax : q;
+    return q + half;
+}
+
+static inline int32_t enc_int_noise(float v, float u, int32_t qmax, int32_t half) {
+    int32_t q = (int32_t)floorf(v + u);
+    q = q < -qmax ? -qmax : q;
+    q = q > qmax ? qmax : q;
+    return q + half;
+}
+
+/* Nearest-even E2M1 of |v| <= 6 by its rounding thresholds (the midpoints of the grid
+ * 0, .5, 1, 1.5, 2, 3, 4, 6; a tie goes to the even code: > or >=). */
+static inline int32_t enc_fp4(float v) {
+    float a = fabsf(v);
+    int32_t code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
+                   (a >= 3.5f) + (a > 5.0f);
+    return code | ((int32_t)(v < 0.0f) << 3);
+}
+
+#define ENCODE(EXPR)                                                                       \
+    do {                                                                                   \
+        if (bits == 8) {                                                                   \
+            for (int i = 0; i < block; i++) {                                              \
+                const int k = i;                                                           \
+                dst[i] = (uint8_t)(EXPR);                                                  \
+            }                                                                              \
+        } else if (bits == 4) { /* fused with the 4-bit plane: byte j = codes j, j + B/2 */ \
+            const int h = block / 2;                                                       \
+            for (int j = 0; j < h; j++) {                                                  \
+                int k = j;                                                                 \
+                int32_t lo = (EXPR);                                                       \
+                k = j + h;                                                                 \
+                int32_t hi = (EXPR);                                                       \
+                dst[j] = (uint8_t)(lo | (hi << 4));                                        \
+            }                                                                              \
+        } else {                                                                           \
+            for (int i = 0; i < block; i++) {                                              \
+                const int k = i;                                                           \
+                codes[i] = (uint8_t)(EXPR);                                                \
+            }                                                                              \
+            pack_block(codes, block, bits, dst);                                           \
+        }                                                                                  \
+    } while (0)
+
+/* Encode and pack one block into dst (xv: the block's fp32 values, may be overwritten). */
 static void encode_block(float *xv, float s, int block, int bits, int fmt, float maxv,
-                         const float *noise, uint8_t *codes) {
+                         const float *noise, uint8_t *dst) {
+    uint8_t codes[MAX_BLOCK];
     int ok = (s > 0.0f) && (s <= 3.40282347e38f); /* finite and positive */
     /* v = x / s; an all-zero block (s = 0) keeps x / 1 (its signed zeros); a non-finite
      * block (s NaN) gets the zero code. */
     const float d = ok ? s : 1.0f;
     if (!ok && s != 0.0f) memset(xv, 0, (size_t)block * sizeof(float));
     if (fmt == 0) {
-        /* |v| <= maxv by the scale's rounding, so the clamp is the reference's safety net;
-         * done on integers, where it vectorises. */
         const int32_t qmax = (int32_t)maxv, half = 1 << (bits - 1);
-        if (noise) {
-            for (int i = 0; i < block; i++) {
-                int32_t q = (int32_t)floorf(xv[i] / d + noise[i]);
-                q = q < -qmax ? -qmax : q;
-                q = q > qmax ? qmax : q;
-                codes[i] = (uint8_t)(q + half);
-            }
-        } else {
-            for (int i = 0; i < block; i++) {
-                int32_t q = (int32_t)rintf(xv[i] / d);
-                q = q < -qmax ? -qmax : q;
-                q = q > qmax ? qmax : q;
-                codes[i] = (uint8_t)(q + half);
-            }
-        }
+        if (noise)
+            ENCODE(enc_int_noise(xv[k] / d, noise[k], qmax, half));
+        else
+            ENCODE(enc_int(xv[k] / d, qmax, half));
     } else if (fmt == 1) {
-        /* Nearest-even E2M1 of |v| <= 6 by its rounding thresholds (the midpoints of the
-         * grid 0, .5, 1, 1.5, 2, 3, 4, 6; a tie goes to the even code: > or >=). */
-        for (int i = 0; i < block; i++) {
-            float v = xv[i] / d;
-            float a = fabsf(v);
-            int32_t code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) +
-                           (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
-            codes[i] = (uint8_t)(code | ((int32_t)(v < 0.0f) << 3));
-        }
+        ENCODE(enc_fp4(xv[k] / d));
     } else {
-        for (int i = 0; i < block; i++) codes[i] = e4m3_from_f32(xv[i] / d);
+        ENCODE(e4m3_from_f32(xv[k] / d));
     }
 }
 
@@ -181,16 +211,14 @@ int agoq_quantize(const void *x, int dtype, int64_t rows, int64_t row_elems,
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < total; t++) {
         float xv[MAX_BLOCK];
-        uint8_t codes[MAX_BLOCK];
         int64_t r = t / nb, b = t % nb;
         int64_t start = b * block;
         int64_t count = row_elems - start < block ? row_elems - start : block;
         load_block(x, dtype, r * row_elems + start, count, block, xv);
         float s = block_scale(xv, block, maxv, bf16_scale);
         const float *nz = noise ? noise + (r * nb + b) * block : 0;
-        encode_block(xv, s, block, bits, fmt, maxv, nz, codes);
         uint8_t *row = wire + r * row_bytes;
-        pack_block(codes, block, bits, row + b * bbytes);
+        encode_block(xv, s, block, bits, fmt, maxv, nz, row + b * bbytes);
         if (bf16_scale) {
             uint16_t h = (uint16_t)(f2bits(s) >> 16);
             memcpy(row + scale_off + b * 2, &h, 2);
@@ -213,6 +241,39 @@ static inline uint16_t bf16_rne(float f) {
     return f != f ? (uint16_t)0x7FC0 : r;
 }
 
+/* E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 (exact, as the table's): codes >= 2 are
+ * the fp32 bit patterns (c + 252) << 22. */
+static inline float dec_fp4(int32_t c) {
+    int32_t m = c & 7;
+    uint32_t bits = m >= 2 ? (uint32_t)(m + 252) << 22 : (m == 1 ? 0x3F000000u : 0u);
+    return bits2f(bits | ((uint32_t)(c & 8) << 28));
+}
+
+#define DECODE(EXPR)                                                                       \
+    do {                                                                                   \
+        if (bits == 8) {                                                                   \
+            for (int i = 0; i < block; i++) {                                              \
+                const int32_t c = src[i];                                                  \
+                v[i] = (EXPR);                                                             \
+            }                                                                              \
+        } else if (bits == 4) {                                                            \
+            const int h = block / 2;                                                       \
+            for (int j = 0; j < h; j++) {                                                  \
+                int32_t c = src[j] & 15;                                                   \
+                v[j] = (EXPR);                                                             \
+                c = src[j] >> 4;                                                           \
+                v[j + h] = (EXPR);                                                         \
+            }                                                                              \
+        } else {                                                                           \
+            uint8_t codes[MAX_BLOCK];                                                      \
+            unpack_block(src, block, bits, codes);                                         \
+            for (int i = 0; i < block; i++) {                                              \
+                const int32_t c = codes[i];                                                \
+                v[i] = (EXPR);                                                             \
+            }                                                                              \
+        }                                                                                  \
+    } while (0)
+
 int agoq_dequantize(const uint8_t *payload, int64_t p_stride, const void *scales,
                     int64_t s_stride, int bf16_scale, void *out, int dtype, int64_t rows,
                     int64_t row_elems, int bits, int fmt, int block, const float *lut,
@@ -223,10 +284,9 @@ int agoq_dequantize(const uint8_t *payload, int64_t p_stride, const void *scales
     const int64_t bbytes = (int64_t)block * bits / 8;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < total; t++) {
-        uint8_t codes[MAX_BLOCK];
         float v[MAX_BLOCK];
         int64_t r = t / nb, b = t % nb;
-        unpack_block(payload + r * p_stride + b * bbytes, block, bits, codes);
+        const uint8_t *src = payload + r * p_stride + b * bbytes;
         float s;
         if (bf16_scale) {
             uint16_t h = ((const uint16_t *)scales)[r * s_stride + b];
@@ -234,19 +294,13 @@ int agoq_dequantize(const uint8_t *payload, int64_t p_stride, const void *scales
         } else {
             s = ((const float *)scales)[r * s_stride + b];
         }
+        const float half = (float)(1 << (bits - 1));
         if (fmt == 0) {
-            const float half = (float)(1 << (bits - 1));
-            for (int i = 0; i < block; i++) v[i] = ((float)codes[i] - half) * s;
+            DECODE(((float)c - half) * s);
         } else if (fmt == 1) {
-            /* E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 (exact, as the table's). */
-            for (int i = 0; i < block; i++) {
-                int32_t m = codes[i] & 7;
-                float mag = m < 4 ? 0.5f * (float)m : (m < 6 ? (float)(m - 2) : (float)(2 * m - 8));
-                float val = (codes[i] & 8) ? -mag : mag;
-                v[i] = val * s;
-            }
+            DECODE(dec_fp4(c) * s);
         } else {
-            for (int i = 0; i < block; i++) v[i] = lut[codes[i]] * s;
+            DECODE(lut[c] * s);
         }
         /* Saturate (a scale rounded up can push the top code one ulp past the range);
          * the comparisons keep NaN. */
