@@ -50,20 +50,27 @@ def test_install_needs_fsdp_modules_and_valid_options():
 
 
 def test_block_layout_starts_a_block_at_each_parameter():
-    from agoq.gradients.fsdp import _BlockLayout
+    from agoq.gradients.fsdp import _BlockLayout, _lay_out_rows
 
-    cpu = torch.device("cpu")
     lay = _BlockLayout([32, 2048, 300], 256)
-    padded, index = lay.get(2380, cpu)
-    assert padded == 256 + 2048 + 512
-    assert torch.equal(index[:32], torch.arange(32))
-    assert torch.equal(index[32:2080], torch.arange(256, 2304))
-    assert torch.equal(index[2080:], torch.arange(2304, 2604))
+    place = lay.get(2380)
+    assert place.aligned == 256 + 2048 + 512
+    assert place.dst == (0, 256, 2304)
+    # Plain views and zero pads (no index tensors): each parameter at its block boundary.
+    rows = torch.arange(2 * 2380, dtype=torch.float32).view(2, 2380)
+    out = _lay_out_rows(rows, place)
+    assert out.shape == (2, 2816)
+    assert torch.equal(out[:, :32], rows[:, :32]) and not out[:, 32:256].any()
+    assert torch.equal(out[:, 256:2304], rows[:, 32:2080])
+    assert torch.equal(out[:, 2304:2604], rows[:, 2080:]) and not out[:, 2604:].any()
     # A total that does not match (some parameter had no gradient): plain blocks.
-    assert lay.get(2000, cpu) == (2048, None) and lay.mismatches == 1
-    # Whole-block segments need no index.
-    assert _BlockLayout([256, 512, 10], 256).get(778, cpu) == (1024, None)
-    assert _BlockLayout(None, 256).get(10, cpu) == (256, None)
+    assert lay.get(2000).segments == ((0, 2000),) and lay.mismatches == 1
+    # Whole-block segments merge into one run: the shard itself is quantized, no copy.
+    whole = _BlockLayout([256, 512, 10], 256).get(778)
+    assert whole.runs == ((0, 0, 778),) and whole.aligned == 1024
+    aligned = torch.zeros(2, 1024)
+    assert _lay_out_rows(aligned, _BlockLayout([512, 512], 256).get(1024)) is aligned
+    assert _BlockLayout(None, 256).get(10).aligned == 256
 
 
 # ------------------------------------------------- the reduce-scatter, directly

@@ -11,12 +11,21 @@ sum (as DDP's default hook divides before its all-reduce), so gradients near the
 maximum stay finite. float64 is refused (the path is fp32 inside; it would silently lose
 range and precision).
 
-All collectives are issued, and waited for, from the calling thread: under gloo, collectives
-launched from ``Future.then`` callbacks run on worker threads and can deadlock.
+Wire: the padded tensor is viewed as ``(world, chunk)`` and quantized by the one codec op
+(:func:`agoq.quant.ops.quantize_rows`) into a ``(world, row_bytes)`` uint8 wire whose row r
+is chunk r's payload followed by its scales, so ONE ``all_to_all_single`` carries both; the
+reduced chunk is one such row, and ONE all-gather returns ``(world, row_bytes)``. Parameter
+segments are put on block boundaries with views and zero pads (one ``torch.cat``), and the
+result is written back through views: no index tensors.
+
+The collectives here are synchronous (issued and waited for in the calling thread). The DDP
+hook (:mod:`agoq.gradients.ddp`) overlaps them with backward by running them on a comm
+worker thread of its own, on a process group of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,6 +34,7 @@ import torch.distributed as dist
 
 from ..quant import QuantSpec
 from ..quant.codec import dequantize_flat_torch, quantize_flat_torch
+from ..quant.ops import dequantize_rows, quantize_rows, row_layout, split_wire
 
 # Block 128 with bf16 scales, not the 256/fp32 first planned: on real gradients (2 ranks)
 # block 256 gives 1.06% relative error, 128 gives 0.95%; bf16 scales (rounded up) cost no
@@ -122,9 +132,9 @@ def wire_bytes(
     if segments is not None and len(segments) > 1:
         numel = sum(-(-n // spec.block) * spec.block for _, n in segments)
     lay = Layout(numel, world, spec.block)
-    scale_size = torch.empty((), dtype=spec.scale_dtype).element_size()
-    per_chunk = lay.chunk + (lay.chunk // spec.block) * scale_size
-    return 2 * (world - 1) * per_chunk
+    # One wire row per chunk: payload, scales and the scales' alignment padding, which is
+    # what all_to_all_single and the all-gather carry.
+    return 2 * (world - 1) * row_layout(spec, lay.chunk).row_bytes
 
 
 def reference_all_reduce(
@@ -158,19 +168,22 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup |
     gather(out, inp, group=group)
 
 
-def verify_same_on_all_ranks(
-    what: str, fields: list[tuple[str, int]], group: dist.ProcessGroup | None, device: torch.device
-) -> None:
-    """All-gather ``fields`` (name, int) over ``group``; raise ValueError on every rank naming
-    the fields whose values differ between ranks."""
+def gather_fields(
+    fields: list[tuple[str, int]], group: dist.ProcessGroup | None, device: torch.device
+) -> list[list[int]]:
+    """All-gather the int values of ``fields`` over ``group``: one row per rank."""
     world = dist.get_world_size(group)
     mine = torch.tensor([v for _, v in fields], dtype=torch.int64, device=device)
     everyone = torch.empty(world * len(fields), dtype=torch.int64, device=device)
     _all_gather(everyone, mine, group)
-    table = everyone.view(world, len(fields)).cpu()
+    return everyone.view(world, len(fields)).cpu().tolist()
+
+
+def check_fields(what: str, fields: list[tuple[str, int]], table: list[list[int]]) -> None:
+    """Raise ValueError naming the fields whose values differ between the ranks' rows."""
     bad = []
     for j, (name, _) in enumerate(fields):
-        col = table[:, j].tolist()
+        col = [row[j] for row in table]
         if len(set(col)) > 1:
             bad.append(f"{name}: " + ", ".join(f"rank {r}={v}" for r, v in enumerate(col)))
     if bad:
@@ -180,27 +193,123 @@ def verify_same_on_all_ranks(
         )
 
 
-_ALIGN_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+def verify_same_on_all_ranks(
+    what: str, fields: list[tuple[str, int]], group: dist.ProcessGroup | None, device: torch.device
+) -> None:
+    """All-gather ``fields`` (name, int) over ``group``; raise ValueError on every rank naming
+    the fields whose values differ between ranks."""
+    check_fields(what, fields, gather_fields(fields, group, device))
 
 
-def _aligned_index(
-    segments: tuple[tuple[int, int], ...], block: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(source positions, aligned positions, aligned size): every segment starts on a block
-    boundary, so a small-gradient parameter never shares a block scale with a large one."""
-    key = (segments, block, device)
-    hit = _ALIGN_CACHE.get(key)
-    if hit is None:
-        src, dst, pos = [], [], 0
-        for off, n in segments:
-            src.append(torch.arange(off, off + n))
-            dst.append(torch.arange(pos, pos + n))
-            pos += -(-n // block) * block
-        hit = (torch.cat(src).to(device), torch.cat(dst).to(device), pos)
-        if len(_ALIGN_CACHE) >= 256:  # buckets are few; bound it anyway
-            _ALIGN_CACHE.pop(next(iter(_ALIGN_CACHE)))
-        _ALIGN_CACHE[key] = hit
-    return hit
+@dataclass(frozen=True)
+class Placement:
+    """Where the segments of a flat tensor sit in the block-aligned buffer that is reduced.
+
+    Plain ints, computed once per layout: ``segments`` ((offset, numel) in the tensor) each
+    start on a block boundary at ``dst`` in the aligned buffer of ``aligned`` elements (each
+    segment padded with zeros to whole blocks; elements outside every segment are not
+    reduced and stay as they are). ``runs`` ((src, dst, numel)) merges neighbouring
+    segments that need no padding between them, so a bucket whose parameters all hold whole
+    blocks is one run: one view in, one copy out.
+    """
+
+    segments: tuple[tuple[int, int], ...]
+    dst: tuple[int, ...]
+    runs: tuple[tuple[int, int, int], ...]
+    aligned: int
+
+
+@functools.lru_cache(maxsize=256)
+def placement(segments: tuple[tuple[int, int], ...], block: int) -> Placement:
+    """The :class:`Placement` of ``segments`` (sorted, disjoint) for blocks of ``block``."""
+    dst, runs, pos = [], [], 0
+    for off, n in segments:
+        dst.append(pos)
+        if runs and runs[-1][0] + runs[-1][2] == off and runs[-1][1] + runs[-1][2] == pos:
+            s0, d0, n0 = runs[-1]
+            runs[-1] = (s0, d0, n0 + n)
+        elif n:
+            runs.append((off, pos, n))
+        pos += -(-n // block) * block
+    return Placement(tuple(segments), tuple(dst), tuple(runs), pos)
+
+
+def _lay_out(
+    parts: list[torch.Tensor], offsets: list[int], total: int, like: torch.Tensor
+) -> torch.Tensor:
+    """A flat tensor of ``total`` elements with ``parts[i]`` at ``offsets[i]`` and zeros
+    elsewhere: one ``torch.cat`` of the parts and views of one zero tensor (the part
+    itself when it already is the whole tensor)."""
+    if len(parts) == 1 and offsets[0] == 0 and parts[0].numel() == total:
+        return parts[0]
+    gaps, pos = [], 0
+    for t, off in zip(parts, offsets, strict=True):
+        gaps.append(off - pos)
+        pos = off + t.numel()
+    gaps.append(total - pos)
+    zeros = like.new_zeros(max(gaps))
+    pieces: list[torch.Tensor] = []
+    for gap, t in zip(gaps, [*parts, None], strict=True):
+        if gap:
+            pieces.append(zeros[:gap])
+        if t is not None:
+            pieces.append(t)
+    return torch.cat(pieces)
+
+
+def reduce_flat(
+    flat: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    *,
+    spec: QuantSpec,
+    place: Placement,
+    average: bool = True,
+    generator: torch.Generator | None = None,
+    residuals: list[torch.Tensor] | None = None,
+) -> None:
+    """The int8 all-reduce of the segments of the contiguous 1-D ``flat``, in place.
+
+    ``residuals`` (fp32, one contiguous tensor per segment of ``place``, or None) is error
+    feedback: added before the first quantization, then overwritten with its error (0 in
+    blocks that were not finite). Arguments are not validated here (the callers do)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        for r in residuals or ():
+            r.zero_()
+        return
+    lay = Layout(place.aligned, world, spec.block)
+    chunk = lay.chunk
+    runs = place.runs
+    x = _lay_out([flat[s : s + n] for s, _, n in runs], [d for _, d, _ in runs], lay.padded, flat)
+    if residuals is not None:
+        r = _lay_out([t.view(-1) for t in residuals], list(place.dst), lay.padded, residuals[0])
+        x = torch.add(x, r)  # fp32 (promoted); a new tensor, never the bucket itself
+    # Chunks are whole blocks, so row r of the wire is exactly rank r's chunk.
+    wire = quantize_rows(x.view(world, chunk), spec, generator=generator)
+    if residuals is not None:
+        sent = dequantize_rows(*split_wire(wire, spec, chunk), spec, chunk, torch.float32)
+        err = torch.sub(x.view(world, chunk), sent, out=sent).view(-1)
+        _reset_non_finite_blocks(err, spec.block)
+        for t, d in zip(residuals, place.dst, strict=True):
+            t.view(-1).copy_(err[d : d + t.numel()])
+        del sent, err
+    del x
+
+    recv = torch.empty_like(wire)
+    dist.all_to_all_single(recv, wire, group=group)
+    parts = dequantize_rows(*split_wire(recv, spec, chunk), spec, chunk, torch.float32)
+    del recv
+    if average:  # before the sum: W values near the fp32 maximum must not overflow
+        parts.div_(world)
+    reduced = parts.sum(dim=0, keepdim=True)  # fp32, fixed rank order
+    del parts
+    mine = quantize_rows(reduced, spec, generator=generator)
+    gathered = wire  # the send wire is no longer needed: receive into it
+    _all_gather(gathered, mine, group)
+    out = dequantize_rows(*split_wire(gathered, spec, chunk), spec, chunk, torch.float32)
+    out = out.view(-1)
+    for s, d, n in place.runs:  # elements outside the segments (bucket padding) unchanged
+        flat[s : s + n].copy_(out[d : d + n])
 
 
 def int8_all_reduce(
@@ -217,11 +326,11 @@ def int8_all_reduce(
 
     ``average`` divides by the world size (like DDP's default hook: each rank's part is
     divided before the fp32 sum, so values near the fp32 maximum do not overflow).
-    ``residual`` (fp32, same numel, optional) turns on error feedback: it is added to the
-    tensor before the first quantization and overwritten with that quantization's error
-    (reset to 0 in blocks that were not finite). ``segments`` ((offset, numel) per
-    parameter, sorted, disjoint) puts each segment on its own blocks, so parameters with
-    small gradients keep their precision. float64 raises TypeError.
+    ``residual`` (fp32, contiguous, same numel, optional) turns on error feedback: it is
+    added to the tensor before the first quantization and overwritten with that
+    quantization's error (reset to 0 in blocks that were not finite). ``segments``
+    ((offset, numel) per parameter, sorted, disjoint) puts each segment on its own blocks,
+    so parameters with small gradients keep their precision. float64 raises TypeError.
     """
     _check(spec)
     if not isinstance(tensor, torch.Tensor):
@@ -237,58 +346,25 @@ def int8_all_reduce(
                 f"residual has {residual.numel()} elements on {residual.device}, the tensor "
                 f"{tensor.numel()} on {tensor.device}"
             )
+        if not residual.is_contiguous():
+            raise ValueError("residual must be contiguous (it is updated in place)")
     if segments is not None:
         _check_segments(segments, tensor.numel())
-    world = dist.get_world_size(group)
-    if world == 1:
-        if residual is not None:
-            residual.zero_()
-        return tensor
-    flat = tensor.reshape(-1).to(torch.float32)
-    if residual is not None:
-        flat = flat + residual.reshape(-1)
-    src = dst = None
-    if segments is not None and len(segments) > 1:
-        src, dst, aligned = _aligned_index(tuple(segments), spec.block, flat.device)
-        lay = Layout(aligned, world, spec.block)
-        spread = flat.new_zeros(lay.padded)
-        spread[dst] = flat[src]
-        flat_in, flat = flat, spread
+    if segments is None or len(segments) <= 1:
+        segs: tuple[tuple[int, int], ...] = ((0, tensor.numel()),)
     else:
-        lay = Layout(tensor.numel(), world, spec.block)
-        flat = torch.nn.functional.pad(flat, (0, lay.padded - lay.numel))
-    # Chunks are whole blocks: rank r's slice of payload and scales is exactly its chunk.
-    payload, scales = quantize_flat_torch(flat, spec, generator)
+        segs = tuple((int(o), int(n)) for o, n in segments)
+    place = placement(segs, spec.block)
+    flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
+    res = None
     if residual is not None:
-        sent = dequantize_flat_torch(payload, scales, spec, lay.padded, torch.float32)
-        err = flat - sent
-        _reset_non_finite_blocks(err, spec.block)
-        if dst is not None:
-            residual.reshape(-1)[src] = err[dst]
-        else:
-            residual.reshape(-1).copy_(err[: tensor.numel()])
-
-    recv_payload = torch.empty_like(payload)
-    recv_scales = torch.empty_like(scales)
-    dist.all_to_all_single(recv_payload, payload, group=group)
-    dist.all_to_all_single(recv_scales, scales, group=group)
-
-    parts = dequantize_flat_torch(recv_payload, recv_scales, spec, lay.padded, torch.float32)
-    if average:  # before the sum: W values near the fp32 maximum must not overflow
-        parts /= world
-    reduced = parts.view(world, lay.chunk).sum(dim=0)  # fp32, fixed rank order
-    my_payload, my_scales = quantize_flat_torch(reduced, spec, generator)
-
-    all_payload = torch.empty_like(payload)
-    all_scales = torch.empty_like(scales)
-    _all_gather(all_payload, my_payload, group)
-    _all_gather(all_scales, my_scales, group)
-    out = dequantize_flat_torch(all_payload, all_scales, spec, lay.padded, torch.float32)
-    if dst is not None:
-        flat_in[src] = out[dst]  # elements outside the segments (bucket padding) unchanged
-        tensor.copy_(flat_in.view(tensor.shape))
-    else:
-        tensor.copy_(out[: tensor.numel()].view(tensor.shape))
+        rflat = residual.view(-1)
+        res = [rflat[o : o + n] for o, n in segs]
+    reduce_flat(
+        flat, group, spec=spec, place=place, average=average, generator=generator, residuals=res
+    )
+    if flat.data_ptr() != tensor.data_ptr() or not tensor.is_contiguous():
+        tensor.copy_(flat.view(tensor.shape))
     return tensor
 
 
@@ -300,30 +376,29 @@ def int8_all_reduce_functional(
     spec: QuantSpec = DEFAULT_SPEC,
 ) -> torch.Tensor:
     """The same collective with functional collectives, traceable by torch.compile
-    (compiled DDP's per-parameter hook path). Returns a new tensor."""
-    import torch.distributed._functional_collectives as fcol
+    (compiled DDP's per-parameter hook path): one all-to-all and one all-gather of wire
+    rows. Returns a new tensor."""
+    from ._compat import functional_collectives
 
+    fcol = functional_collectives()
     _check(spec)
     check_grad_dtype(tensor.dtype, "int8_all_reduce_functional")
     world = dist.get_world_size(group)
     if world == 1:
         return tensor
     lay = Layout(tensor.numel(), world, spec.block)
-    flat = torch.nn.functional.pad(
-        tensor.reshape(-1).to(torch.float32), (0, lay.padded - lay.numel)
-    )
-    payload, scales = quantize_flat_torch(flat, spec)
-    recv_payload = fcol.wait_tensor(fcol.all_to_all_single(payload, None, None, group))
-    recv_scales = fcol.wait_tensor(fcol.all_to_all_single(scales, None, None, group))
-    parts = dequantize_flat_torch(recv_payload, recv_scales, spec, lay.padded, torch.float32)
+    chunk = lay.chunk
+    flat = torch.nn.functional.pad(tensor.reshape(-1), (0, lay.padded - lay.numel))
+    wire = quantize_rows(flat.view(world, chunk), spec)
+    recv = fcol.wait_tensor(fcol.all_to_all_single(wire, None, None, group))
+    parts = dequantize_rows(*split_wire(recv, spec, chunk), spec, chunk, torch.float32)
     if average:
         parts = parts / world
-    reduced = parts.view(world, lay.chunk).sum(dim=0)
-    my_payload, my_scales = quantize_flat_torch(reduced, spec)
-    all_payload = fcol.wait_tensor(fcol.all_gather_tensor(my_payload, 0, group))
-    all_scales = fcol.wait_tensor(fcol.all_gather_tensor(my_scales, 0, group))
-    out = dequantize_flat_torch(all_payload, all_scales, spec, lay.numel, torch.float32)
-    return out.view(tensor.shape).to(tensor.dtype)
+    reduced = parts.sum(dim=0, keepdim=True)
+    mine = quantize_rows(reduced, spec)
+    gathered = fcol.wait_tensor(fcol.all_gather_tensor(mine, 0, group))
+    out = dequantize_rows(*split_wire(gathered, spec, chunk), spec, chunk, torch.float32)
+    return out.reshape(-1)[: lay.numel].view(tensor.shape).to(tensor.dtype)
 
 
 def relative_rms(a: torch.Tensor, ref: torch.Tensor) -> float:

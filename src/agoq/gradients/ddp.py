@@ -2,7 +2,13 @@
 communication hook, for eager DDP, compiled models (DDPOptimizer) and compiled DDP
 (``optimize_ddp="python_reducer"``, where the hook gets ``(grad, param)`` per parameter).
 
-At its first bucket the hook exchanges a fingerprint of its settings with the other ranks
+The hook overlaps the reduction with backward: it returns a Future at once, and a comm
+worker thread of the state reduces the buckets, first in first out, on a process group of
+its own (see :class:`_CommWorker` for why each of those three is needed: what deadlocked
+before). On CUDA the worker runs on a side stream that waits for the gradients of the
+bucket, and the Future carries that stream to DDP.
+
+At its first bucket the worker exchanges a fingerprint of the settings with the other ranks
 (one all_gather of a few integers) and raises on every rank, naming the fields, when they
 differ: ranks with different block, scale dtype, rounding, ``min_numel``, error feedback,
 numerics guard or step counter would otherwise reduce different layouts (silently wrong
@@ -11,9 +17,13 @@ gradients or a hang).
 No ``from __future__ import annotations`` here: DDP checks the hook's annotations at
 registration and rejects anything but ``dist.GradBucket`` / ``Future[Tensor]`` objects."""
 
+import datetime
+import queue
 import struct
+import threading
+import weakref
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,23 +32,148 @@ import torch.distributed as dist
 from .._validate import expect_bool, expect_int, expect_str
 from ..quant import QuantSpec
 from ._common import check_state, global_rank, unwrap
+from ._compat import group_timeout, queue_backward_callback
 from .allreduce import (
     DEFAULT_SPEC,
+    check_fields,
     check_grad_dtype,
-    int8_all_reduce,
+    gather_fields,
     int8_all_reduce_functional,
+    placement,
+    reduce_flat,
     relative_rms,
-    verify_same_on_all_ranks,
 )
 
 # Bump when the hook's collective sequence or math changes: ranks running different agoq
-# versions then refuse to reduce together.
-PROTOCOL = 2
+# versions then refuse to reduce together. 3: payload + scales in one wire, on the state's
+# own process group, from the comm worker.
+PROTOCOL = 3
 _STATE_VERSION = 2
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
 _ROUNDINGS = ("nearest", "stochastic")
 _ACTION_CODES = {"fallback": 1, "warn": 2, "raise": 3}
 _OPTIONS = ("block", "scale_dtype", "rounding", "error_feedback", "min_numel", "seed")
+
+
+class _CommWorker:
+    """One daemon thread that runs the jobs it is given one after the other (FIFO).
+
+    What deadlocked before, and why each part of this design is needed:
+
+    * Chaining the second collective from ``Future.then`` of the first: under gloo the
+      callback runs on one of the process group's own worker threads (2 by default). A
+      callback that waits for the all-gather it issued blocks that thread, and the
+      all-gather is queued behind it for the same 2 threads: with 2 buckets in flight both
+      threads wait for work only they could run (reproduced: 12 small buckets hang in step
+      0). Not waiting does not help: collectives issued from completion callbacks are
+      issued in whatever order the callbacks happen to run on each rank, interleaved with
+      the next bucket's all-to-all from the autograd thread; gloo pairs collectives by
+      issue order, so the ranks pair different collectives and hang. Here a thread that
+      belongs to agoq issues and waits, and nothing else issues agoq's collectives.
+    * FIFO: DDP calls the hook for the buckets in the same order on every rank, and jobs
+      run in submission order, so every rank issues the same sequence of collectives.
+    * A process group of its own (:func:`_comm_group`): DDP issues collectives of its own
+      on its group from the autograd thread while buckets are in flight (the
+      ``find_unused_parameters`` bitmap all-reduce after the last bucket), and so may the
+      user's code; on a shared group those would interleave with the worker's in a
+      different order on each rank.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` (it handles its own exceptions)."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                job()
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until every submitted job has finished; False on timeout."""
+        if threading.current_thread() is self._thread:
+            return True
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def stop(self) -> None:
+        """Let the queued jobs finish, then end the thread."""
+        self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread is still running."""
+        return self._thread.is_alive()
+
+
+def _comm_group(parent: dist.ProcessGroup, device: torch.device) -> dist.ProcessGroup:
+    """A new process group over ``parent``'s ranks, with its timeout and backend.
+
+    Created from the first bucket's hook, which every rank of ``parent`` runs at the same
+    point. When ``parent`` spans the whole job, a plain ``new_group`` (every rank enters, as
+    it requires; the name comes from torch's group counter, which thus stays equal on all
+    ranks). For a proper subgroup only its members run the hook, so
+    ``use_local_synchronization=True``: non-members need not enter, and the name is a hash
+    of the ranks and of the number of groups this process has, so two states over the same
+    ranks get two groups (members must have created the same groups before, as torch
+    requires for this option)."""
+    ranks = dist.get_process_group_ranks(parent)
+    kw: dict[str, Any] = {"backend": dist.get_backend(parent)}
+    timeout = group_timeout(parent, device)
+    if timeout is not None:
+        kw["timeout"] = timeout
+    if len(ranks) == dist.get_world_size():
+        return dist.new_group(ranks=ranks, group_desc="agoq_int8_allreduce", **kw)
+    return dist.new_group(
+        ranks=ranks, use_local_synchronization=True, group_desc="agoq_int8_allreduce", **kw
+    )
+
+
+class _Job:
+    """What the worker needs of one bucket, taken at hook time (the GradBucket itself is
+    DDP's and only valid during the hook)."""
+
+    __slots__ = ("buf", "index", "segments", "params", "fut", "event")
+
+    def __init__(self, bucket: "dist.GradBucket") -> None:
+        buf = bucket.buffer()
+        base, size = buf.data_ptr(), buf.element_size()
+        self.buf = buf
+        self.index = bucket.index()
+        self.segments = tuple(
+            ((g.data_ptr() - base) // size, g.numel()) for g in bucket.gradients()
+        )
+        self.params = list(bucket.parameters())
+        self.event: Any = None
+        if buf.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(buf.device))
+            self.fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(
+                devices=[buf.device]
+            )
+        else:
+            self.fut = torch.futures.Future()
+
+
+class _Broken(RuntimeError):
+    """A collective of an earlier bucket failed: the group may be out of step."""
 
 
 def _is_guard(guard: Any) -> bool:
@@ -64,6 +199,14 @@ class Int8AllReduceState:
     reduced in full precision from then on. Steps are counted when bucket 0 arrives; step 0
     is never checked (DDP regroups its buckets after the first iteration, so bucket indices
     only mean the same parameters from step 1 on).
+
+    At its first bucket the state creates a process group of its own over the group's ranks
+    (same backend and timeout) and a daemon comm thread that reduces the buckets FIFO while
+    backward goes on. :meth:`close` (or garbage collection) stops the thread;
+    :meth:`state_dict` and :meth:`load_state_dict` wait for buckets in flight. An error in
+    the worker is raised by ``backward()`` (the original exception, e.g. ``NumericsError``),
+    never a hang: collectives time out with the group's timeout. After a collective failed
+    the state refuses to reduce again (the ranks may be out of step): build a new one.
     """
 
     def __init__(
@@ -114,6 +257,14 @@ class Int8AllReduceState:
         self._params: dict[str, torch.Tensor] = {}
         self._generator: torch.Generator | None = None
         self._verified = False
+        self._comm: dist.ProcessGroup | None = None
+        self._device = torch.device("cpu")
+        self._worker: _CommWorker | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._streams: dict[torch.device, Any] = {}
+        self._errors: list[BaseException] = []  # this backward's, raised at its end
+        self._broken: BaseException | None = None
+        self._armed = False
         self.calls = 0
         self.steps = 0  # steps started (bucket 0 arrivals)
         self.buckets_seen = 0  # highest bucket index seen + 1 (the round-robin's period)
@@ -156,7 +307,7 @@ class Int8AllReduceState:
 
     # ------------------------------------------------------------ fingerprint
 
-    def _fingerprint(self, bucket: "dist.GradBucket") -> list[tuple[str, int]]:
+    def _fingerprint(self, numel: int, dtype: torch.dtype) -> list[tuple[str, int]]:
         g = self.guard
         fallbacks = ""
         if g is not None:
@@ -178,35 +329,22 @@ class Int8AllReduceState:
             ("guard.action", _ACTION_CODES.get(getattr(g, "action", None), 0)),
             ("guard fallbacks (grad/)", zlib.crc32(fallbacks.encode())),
             ("steps (a resumed state on some ranks only?)", self.steps),
-            ("first bucket's numel (bucket_cap_mb?)", bucket.buffer().numel()),
-            ("gradient dtype", _DTYPE_CODES.get(bucket.buffer().dtype, 0)),
+            ("first bucket's numel (bucket_cap_mb?)", numel),
+            ("gradient dtype", _DTYPE_CODES.get(dtype, 0)),
         ]
-
-    def _verify(self, bucket: "dist.GradBucket") -> None:
-        """Exchange the fingerprint once; raise on every rank if any field differs."""
-        verify_same_on_all_ranks(
-            "int8_allreduce (Int8AllReduceState)",
-            self._fingerprint(bucket),
-            self.process_group,
-            bucket.buffer().device,
-        )
-        self._verified = True
 
     # -------------------------------------------------------------- residuals
 
-    def _bucket_residual(self, bucket: "dist.GradBucket") -> tuple[torch.Tensor, list]:
-        """A flat fp32 residual laid out like the bucket buffer, and where each param sits."""
+    def _residuals_of(self, job: _Job) -> list[torch.Tensor]:
+        """The residual of each parameter of the bucket, in bucket order (live tensors)."""
         if not self._names:
             raise ValueError(
                 "Int8AllReduceState(error_feedback=True) needs the parameter names to key its "
                 "residuals: pass model=ddp_model to Int8AllReduceState or call "
                 "state.bind(ddp_model) before training"
             )
-        buf = bucket.buffer()
-        flat = torch.zeros(buf.numel(), dtype=torch.float32, device=buf.device)
-        slots = []
-        base = buf.data_ptr()
-        for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
+        out = []
+        for p in job.params:
             key = self._names.get(id(p))
             if key is None:
                 raise ValueError(
@@ -214,16 +352,154 @@ class Int8AllReduceState:
                     "is not in the model bound with model= / bind(); bind the DDP module "
                     "that this hook is registered on"
                 )
-            off = (g.data_ptr() - base) // buf.element_size()
-            r = self.residuals[key]
-            flat[off : off + g.numel()] = r.reshape(-1)
-            slots.append((key, off, g.numel()))
-        return flat, slots
+            out.append(self.residuals[key])
+        return out
 
-    def _store_residual(self, flat: torch.Tensor, slots: list) -> None:
-        for key, off, n in slots:
-            r = self.residuals[key]
-            r.copy_(flat[off : off + n].view(r.shape))
+    # ------------------------------------------------------------ the worker
+
+    def _start(self, device: torch.device) -> _CommWorker:
+        """The comm worker, started (with the state's own process group) at the first bucket."""
+        if self._broken is not None:
+            raise RuntimeError(
+                "Int8AllReduceState: an earlier bucket's collective failed, so the ranks may be "
+                "out of step; build a new state (and DDP model) to go on"
+            ) from self._broken
+        if self._worker is None or not self._worker.alive:
+            if self._comm is None:
+                parent = self.process_group if self.process_group is not None else dist.group.WORLD
+                self._comm = _comm_group(parent, device)
+                self._device = device
+            self._worker = _CommWorker(f"agoq-int8-allreduce-{global_rank()}")
+            self._finalizer = weakref.finalize(self, self._worker.stop)
+            self._finalizer.atexit = False  # a daemon thread: it ends with the process
+        return self._worker
+
+    def _wait_idle(self) -> None:
+        """Wait for the buckets in flight (at most the group's timeout, plus a minute)."""
+        worker = self._worker
+        if worker is None:
+            return
+        limit = group_timeout(self._comm, self._device) if self._comm is not None else None
+        seconds = (limit or datetime.timedelta(minutes=30)).total_seconds() + 60
+        if not worker.wait_idle(seconds):
+            raise RuntimeError(
+                f"Int8AllReduceState: buckets still in flight after {seconds:.0f} s (the "
+                "process group's timeout has passed): a rank is stuck"
+            )
+
+    def close(self) -> None:
+        """Wait for the buckets in flight, then stop the comm worker thread (idempotent; a
+        later bucket starts a new thread on the same process group)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.wait_idle(None)
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            worker.stop()
+
+    def _submit(self, bucket: "dist.GradBucket") -> "torch.futures.Future[torch.Tensor]":
+        job = _Job(bucket)
+        worker = self._start(job.buf.device)
+        if not self._armed:
+            # Re-raise a worker error from backward() with its own type (DDP would turn
+            # it into "Unable to cast ... to Tensor"); queued before DDP's finalize callback.
+            self._armed = queue_backward_callback(self._end_of_backward)
+        worker.submit(lambda: self._run(job))
+        return job.fut
+
+    def _end_of_backward(self) -> None:
+        try:
+            self._wait_idle()
+        finally:
+            self._armed = False
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+    def _run(self, job: _Job) -> None:
+        """The worker's part for one bucket: everything in FIFO order."""
+        stage = {"in_collective": False}
+        try:
+            if self._broken is not None:
+                raise RuntimeError(
+                    "Int8AllReduceState: an earlier bucket's collective failed; this state "
+                    "does not reduce any more (build a new one)"
+                ) from self._broken
+            if job.event is None:
+                self._reduce(job, stage)
+                job.fut.set_result(job.buf)
+                return
+            dev = job.buf.device
+            stream = self._streams.get(dev)
+            if stream is None:
+                stream = self._streams[dev] = torch.cuda.Stream(dev)
+            with torch.cuda.device(dev), torch.cuda.stream(stream):
+                stream.wait_event(job.event)  # the bucket's gradients are written
+                self._reduce(job, stage)
+                job.fut.set_result(job.buf)  # records the side stream for DDP to wait on
+        except BaseException as e:  # noqa: BLE001 - handed to backward(), never lost
+            if stage["in_collective"] and self._broken is None:
+                self._broken = e
+            if self._armed:
+                self._errors.append(e)
+            job.fut.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+
+    def _reduce(self, job: _Job, stage: dict[str, bool]) -> None:
+        buf = job.buf
+        group = self._comm
+        if not self._verified:
+            fields = self._fingerprint(buf.numel(), buf.dtype)
+            stage["in_collective"] = True
+            table = gather_fields(fields, group, buf.device)
+            stage["in_collective"] = False
+            check_fields("int8_allreduce (Int8AllReduceState)", fields, table)
+            self._verified = True
+        index = job.index
+        if index == 0:
+            self.steps += 1
+        self.buckets_seen = max(self.buckets_seen, index + 1)
+        step = self.steps - 1  # 0-based number of the step this bucket belongs to
+        self.calls += 1
+        world = dist.get_world_size(group)
+        name = f"grad/bucket{index}"
+        guard = self.guard
+        flat = buf.view(-1)
+        if buf.numel() < self.min_numel or (guard is not None and guard.is_fallback(name)):
+            if self.error_feedback:  # flush what int8 still owed these parameters
+                for r, (off, n) in zip(self._residuals_of(job), job.segments, strict=True):
+                    flat[off : off + n].add_(r.view(-1).to(buf.dtype))
+                    r.zero_()
+            stage["in_collective"] = True
+            _full_precision(buf, group, world)
+            stage["in_collective"] = False
+            return
+        residuals = self._residuals_of(job) if self.error_feedback else None
+        # One bucket per check step, round-robin over the buckets seen so far: every rank
+        # has the same counters, so every rank checks the same bucket.
+        check = (
+            guard is not None
+            and step > 0  # DDP's step-0 buckets are provisional: it rebuilds them after
+            and guard.due(step)
+            and index == (step // guard.every) % max(self.buckets_seen, 1)
+        )
+        stage["in_collective"] = True
+        ref = None
+        if check:
+            ref = buf.to(torch.float32, copy=True)
+            _full_precision(ref, group, world)
+        reduce_flat(
+            flat,
+            group,
+            spec=self.spec,
+            place=placement(job.segments, self.spec.block),
+            generator=self.generator(buf.device),
+            residuals=residuals,
+        )
+        stage["in_collective"] = False
+        if ref is not None:
+            # Both results are identical on every rank (gathered / all-reduced), so is the
+            # error, and so is the guard's decision: no extra communication needed.
+            guard.observe(name, relative_rms(buf, ref), step=step)
 
     # ------------------------------------------------------------ checkpoint
 
@@ -245,7 +521,9 @@ class Int8AllReduceState:
         ranks, and DCP keeps one copy of a tensor that every rank saves under the same key.
         With error feedback every bound parameter has an entry (zeros before its first
         step), so a fresh state's ``state_dict()`` is a complete template for ``dcp.load``.
-        The residuals are the live tensors (as ``Module.state_dict`` returns)."""
+        The residuals are the live tensors (as ``Module.state_dict`` returns). Buckets in
+        flight are waited for first."""
+        self._wait_idle()
         mine: dict[str, Any] = {"residuals": dict(self.residuals)}
         if self.spec.rounding == "stochastic":
             if self._generator is None and self._params:
@@ -265,7 +543,9 @@ class Int8AllReduceState:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, after checking every option, key and
-        shape against this state (ValueError saying what differs)."""
+        shape against this state (ValueError saying what differs). Buckets in flight are
+        waited for first."""
+        self._wait_idle()
         where = "Int8AllReduceState.load_state_dict"
         check_state(
             state,
@@ -326,14 +606,26 @@ class Int8AllReduceState:
         d = self.__dict__.copy()
         d["process_group"] = None  # process groups do not pickle; reattach after loading
         d["_generator"] = None
+        # Threads, streams and groups do not pickle either; a copy starts its own.
+        d.update(_comm=None, _worker=None, _finalizer=None, _streams={}, _errors=[])
+        d.update(_broken=None, _armed=False)
         return d
+
+
+# The states behind ``state=None`` / a bare ProcessGroup, one per group, so that such a
+# hook also gets one comm worker and one fingerprint exchange rather than one per bucket.
+_DEFAULT_STATES: dict[Any, "Int8AllReduceState"] = {}
 
 
 def _resolve(state: Any) -> tuple[dist.ProcessGroup | None, Int8AllReduceState]:
     if isinstance(state, Int8AllReduceState):
         return state.process_group, state
     if state is None or isinstance(state, dist.ProcessGroup):
-        return state, Int8AllReduceState(state)
+        key = state if state is not None else dist.group.WORLD
+        st = _DEFAULT_STATES.get(key)
+        if st is None:
+            st = _DEFAULT_STATES[key] = Int8AllReduceState(state)
+        return state, st
     raise TypeError(
         "int8_allreduce state must be None, a ProcessGroup or an agoq Int8AllReduceState, "
         f"got {type(state).__name__}"
@@ -350,11 +642,11 @@ def int8_allreduce(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[
     """DDP comm hook: average the bucket over the group with the int8 all-reduce.
 
     ``state``: None (default group), a ProcessGroup, or an :class:`Int8AllReduceState`.
-    Collectives run and complete in the calling thread; the returned Future is already set.
-    A float64 bucket raises TypeError. In compiled DDP (``bucket`` is then a
-    ``(grad, param)`` tuple) or while compiling, functional collectives are used and a
-    tensor is returned, as DDP expects there; error feedback, the settings check and the
-    numerics guard are not applied on that path.
+    Returns at once a Future that the state's comm worker completes when the bucket is
+    reduced, so backward goes on meanwhile. A float64 bucket raises TypeError. In compiled
+    DDP (``bucket`` is then a ``(grad, param)`` tuple) or while compiling, functional
+    collectives are used and a tensor is returned, as DDP expects there; error feedback,
+    the settings check and the numerics guard are not applied on that path.
     """
     group, st = _resolve(state)
     if isinstance(bucket, tuple) or torch.compiler.is_compiling():
@@ -362,60 +654,8 @@ def int8_allreduce(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[
         pg = group if group is not None else dist.group.WORLD
         out = int8_all_reduce_functional(grad, pg, spec=st.spec)
         return grad.copy_(out) if isinstance(bucket, tuple) else out
-    buf = bucket.buffer()
-    check_grad_dtype(buf.dtype, "int8_allreduce (DDP bucket)")
-    if not st._verified:
-        st._verify(bucket)
-    index = bucket.index()
-    if index == 0:
-        st.steps += 1
-    st.buckets_seen = max(st.buckets_seen, index + 1)
-    step = st.steps - 1  # 0-based number of the step this bucket belongs to
-    st.calls += 1
-    world = dist.get_world_size(group)
-    name = f"grad/bucket{index}"
-    guard = st.guard
-    if buf.numel() < st.min_numel or (guard is not None and guard.is_fallback(name)):
-        if st.error_feedback:  # flush what int8 still owed these parameters
-            residual, slots = st._bucket_residual(bucket)
-            buf.add_(residual.to(buf.dtype))
-            st._store_residual(residual.zero_(), slots)
-        _full_precision(buf, group, world)
-    else:
-        residual, slots = st._bucket_residual(bucket) if st.error_feedback else (None, None)
-        # One bucket per check step, round-robin over the buckets seen so far: every rank
-        # has the same counters, so every rank checks the same bucket.
-        check = (
-            guard is not None
-            and step > 0  # DDP's step-0 buckets are provisional: it rebuilds them after
-            and guard.due(step)
-            and index == (step // guard.every) % max(st.buckets_seen, 1)
-        )
-        ref = None
-        if check:
-            ref = buf.to(torch.float32, copy=True)
-            _full_precision(ref, group, world)
-        base = buf.data_ptr()
-        segments = [
-            ((g.data_ptr() - base) // buf.element_size(), g.numel()) for g in bucket.gradients()
-        ]
-        int8_all_reduce(
-            buf,
-            group,
-            spec=st.spec,
-            generator=st.generator(buf.device),
-            residual=residual,
-            segments=segments,
-        )
-        if residual is not None:
-            st._store_residual(residual, slots)
-        if ref is not None:
-            # Both results are identical on every rank (gathered / all-reduced), so is the
-            # error, and so is the guard's decision: no extra communication needed.
-            guard.observe(name, relative_rms(buf, ref), step=step)
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(buf)
-    return fut
+    check_grad_dtype(bucket.buffer().dtype, "int8_allreduce (DDP bucket)")
+    return st._submit(bucket)
 
 
 __all__ = ["DEFAULT_SPEC", "Int8AllReduceState", "int8_allreduce"]

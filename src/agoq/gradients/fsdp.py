@@ -6,7 +6,8 @@ Two integration points, both public FSDP2 APIs (torch 2.13):
   :func:`install_int8_reduce_scatter` for a whole model), replaces FSDP's gradient
   reduce-scatter over the *shard* group: quantize the flat unsharded gradient once (int8,
   block-wise, fp32 scales; every shard, and with the module's layout every parameter inside
-  a shard, starts a new block) -> ``all_to_all_single`` of payload and scales -> dequantize
+  a shard, starts a new block; the codec op's rows are the W shards, so payload and scales
+  travel in ONE ``all_to_all_single`` of the ``(W, row_bytes)`` wire) -> dequantize
   the W received chunks, apply FSDP's reduce op's factor (AVG, SUM or PREMUL_SUM(factor)) to
   each *before* the fp32 sum in rank order (so values near the fp32 maximum do not
   overflow) -> write the shard in ``reduce_dtype``. Each element is
@@ -41,8 +42,11 @@ Not covered:
 * Modules with several parameter groups (per-parameter meshes via ``shard_placement_fn``):
   FSDP refuses custom comms and hooks for them.
 
-Collectives are issued and waited for synchronously from the calling thread (gloo runs
-``Future`` callbacks on worker threads, where collectives can deadlock). At its first call
+Collectives are issued and waited for synchronously from the calling thread (FSDP2 calls
+the comm on its own reduce-scatter stream; gloo runs ``Future`` callbacks on its worker
+threads, where a collective that waits for another deadlocks). Parameter segments are laid
+on block boundaries with views and zero pads (one ``torch.cat``), no index tensors, and the
+hot path has no host syncs and no per-rank Python loop. At its first call
 each comm and hook exchanges a fingerprint of its settings over its group (one small
 all_gather) and raises on every rank, naming the fields, if they differ. float64 is refused.
 """
@@ -61,8 +65,15 @@ from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
 
 from .._validate import expect_bool, expect_int
 from ..quant import QuantSpec
-from ..quant.codec import dequantize_flat_torch, quantize_flat_torch
-from .allreduce import check_grad_dtype, int8_all_reduce, verify_same_on_all_ranks
+from ..quant.ops import dequantize_rows, quantize_rows, split_wire
+from ._compat import work_from_future
+from .allreduce import (
+    Placement,
+    check_grad_dtype,
+    int8_all_reduce,
+    placement,
+    verify_same_on_all_ranks,
+)
 
 __all__ = [
     "Int8ReduceScatter",
@@ -77,7 +88,8 @@ _ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
 
 
 # Bump when the comm's collective sequence or math changes (ranks must agree on it).
-_PROTOCOL = 2
+# 3: payload + scales in one all-to-all.
+_PROTOCOL = 3
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
 
 
@@ -143,49 +155,65 @@ def _apply_scale(acc: torch.Tensor, scale: float | torch.Tensor | None) -> torch
 def _completed_work(result: torch.Tensor) -> dist.Work:
     fut: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
     fut.set_result([result])
-    return torch._C._distributed_c10d._create_work_from_future(fut)
+    return work_from_future(fut)
 
 
 class _BlockLayout:
     """Where the elements of a flat FSDP gradient shard go so that blocks follow parameters.
 
     FSDP packs each parameter's shard back to back (``segments``: elements per parameter).
-    Quantizing that buffer in plain 256-element blocks would let a block straddle two
-    parameters, and a parameter with small gradients (a norm weight next to an output
-    projection) would then be quantized with its neighbour's scale: 10-20% error on it.
-    Each segment is therefore padded to whole blocks. ``get(n)`` returns the padded length
-    and the index of each element in it (None: only the tail needs padding).
+    Quantizing that buffer in plain blocks would let a block straddle two parameters, and a
+    parameter with small gradients (a norm weight next to an output projection) would then
+    be quantized with its neighbour's scale: 10-20% error on it. Each segment is therefore
+    padded to whole blocks. ``get(n)`` returns the :class:`Placement` of a shard of ``n``
+    elements (plain ints: views and zero pads, no index tensors).
     """
 
     def __init__(self, segments: Sequence[int] | None, block: int) -> None:
         self.segments = None if segments is None else [int(x) for x in segments]
         self.block = block
         self.mismatches = 0
-        self._cache: dict[tuple[int, torch.device], tuple[int, torch.Tensor | None]] = {}
+        self._pairs: tuple[tuple[int, int], ...] | None = None
+        if self.segments is not None:
+            offs, pos = [], 0
+            for x in self.segments:
+                offs.append((pos, x))
+                pos += x
+            self._pairs = tuple(offs)
 
-    def get(self, n: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
-        key = (n, device)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        B = self.block
-        tail = -(-n // B) * B
+    def get(self, n: int) -> Placement:
+        """The placement of an ``n``-element shard: per parameter when the layout is known
+        and adds up to ``n``, else plain blocks from the start of the shard."""
         segs = self.segments
         if segs is None or sum(segs) != n:
             # Unknown layout, or not every parameter had a gradient this time (FSDP only
             # packs those that did): plain blocks from the start of the shard.
             self.mismatches += int(segs is not None)
-            return tail, None
-        if all(x % B == 0 for x in segs[:-1]):
-            out: tuple[int, torch.Tensor | None] = (tail, None)
-        else:
-            starts, pos = [], 0
-            for x in segs:
-                starts.append(torch.arange(pos, pos + x, device=device))
-                pos += -(-x // B) * B
-            out = (pos, torch.cat(starts))
-        self._cache[key] = out
-        return out
+            return placement(((0, n),), self.block)
+        assert self._pairs is not None
+        return placement(self._pairs, self.block)
+
+
+def _lay_out_rows(rows: torch.Tensor, place: Placement) -> torch.Tensor:
+    """``rows`` (W, n) with each run of ``place`` at its aligned column and zeros between
+    and after: (W, place.aligned); ``rows`` itself when nothing moves."""
+    world, n = rows.shape
+    runs = place.runs
+    if len(runs) == 1 and runs[0] == (0, 0, n) and place.aligned == n:
+        return rows
+    gaps, pos = [], 0
+    for _, d, k in runs:
+        gaps.append(d - pos)
+        pos = d + k
+    gaps.append(place.aligned - pos)
+    zeros = rows.new_zeros(world, max(gaps))
+    pieces = []
+    for gap, run in zip(gaps, [*runs, None], strict=True):
+        if gap:
+            pieces.append(zeros[:, :gap])
+        if run is not None:
+            pieces.append(rows[:, run[0] : run[0] + run[2]])
+    return torch.cat(pieces, dim=1)
 
 
 def shard_segments(module: FSDPModule) -> list[int] | None:
@@ -294,39 +322,24 @@ class Int8ReduceScatter(ReduceScatter):
         self.calls += 1
         world, n = rows.shape
         spec = self.spec
-        # Pad each shard to whole blocks so no block straddles two ranks' shards: rank r's
-        # slice of payload and scales is then exactly its shard, and no rank's scale sees
-        # another shard's values. Within a shard, each parameter is padded likewise.
-        padded, index = self.layout.get(n, rows.device)
-        if index is not None:
-            buf = rows.new_zeros(world, padded)
-            buf[:, index] = rows
-            rows = buf
-        elif padded != n:
-            rows = torch.nn.functional.pad(rows, (0, padded - n))
-        payload, scales = quantize_flat_torch(rows.reshape(-1), spec)
-        recv_payload = torch.empty_like(payload)
-        recv_scales = torch.empty_like(scales)
-        dist.all_to_all_single(recv_payload, payload, group=group)
-        dist.all_to_all_single(recv_scales, scales, group=group)
-        del payload, scales
-        p_len = spec.payload_nbytes(padded)
-        s_len = padded // spec.block
-        acc = torch.empty(0)
-        # Dequantize one received chunk at a time, scale it (before the sum: W values near
-        # the fp32 maximum must not overflow) and accumulate in fp32, in rank order:
-        # deterministic, and two chunk-sized fp32 buffers instead of W.
-        for r in range(world):
-            part = dequantize_flat_torch(
-                recv_payload[r * p_len : (r + 1) * p_len],
-                recv_scales[r * s_len : (r + 1) * s_len],
-                spec,
-                padded,
-                torch.float32,
-            )
-            part = _apply_scale(part, scale)
-            acc = part if r == 0 else acc.add_(part)
-        return acc[:n] if index is None else acc[index]
+        # Pad each shard to whole blocks so no block straddles two ranks' shards (each
+        # shard is one row of the codec op: its own blocks, payload and scales, so row r
+        # of the wire is what rank r owns). Within a shard, each parameter is padded too.
+        place = self.layout.get(n)
+        padded = place.aligned
+        wire = quantize_rows(_lay_out_rows(rows, place), spec)
+        recv = torch.empty_like(wire)
+        dist.all_to_all_single(recv, wire, group=group)
+        del wire
+        parts = dequantize_rows(*split_wire(recv, spec, padded), spec, padded, torch.float32)
+        del recv
+        # Scale each rank's part before the sum (W values near the fp32 maximum must not
+        # overflow), then sum in fp32 in a fixed order: every rank computes its own shard.
+        acc = _apply_scale(parts, scale).sum(dim=0)
+        runs = place.runs
+        if len(runs) <= 1 and (not runs or runs[0][:2] == (0, 0)):
+            return acc[:n]
+        return torch.cat([acc[d : d + k] for _, d, k in runs])
 
     def _full_precision(
         self, rows: torch.Tensor, group: dist.ProcessGroup, scale: float | torch.Tensor | None
@@ -336,10 +349,7 @@ class Int8ReduceScatter(ReduceScatter):
         # accumulation precision as the int8 path, and PREMUL_SUM works on gloo too.
         recv = torch.empty_like(rows)
         dist.all_to_all_single(recv, rows.contiguous(), group=group)
-        acc = _apply_scale(recv[0].to(torch.float32, copy=True), scale)
-        for r in range(1, recv.shape[0]):
-            acc += _apply_scale(recv[r].to(torch.float32, copy=True), scale)
-        return acc
+        return _apply_scale(recv.to(torch.float32, copy=True), scale).sum(dim=0)
 
 
 def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
@@ -421,15 +431,12 @@ def int8_all_reduce_hook(
             )
             verified = True
         if n >= min_numel:
-            padded, index = layout.get(n, reduce_output.device)
-            if index is None:
-                # int8_all_reduce's chunks are whole blocks from element 0: already aligned.
-                int8_all_reduce(reduce_output, group, average=average, spec=spec)
-                return
-            buf = reduce_output.new_zeros(padded)
-            buf[index] = reduce_output.reshape(-1)
-            int8_all_reduce(buf, group, average=average, spec=spec)
-            reduce_output.copy_(buf[index].view(reduce_output.shape))
+            # int8_all_reduce puts each parameter's segment on its own blocks (views and
+            # zero pads); a plain shard is one segment.
+            place = layout.get(n)
+            int8_all_reduce(
+                reduce_output, group, average=average, spec=spec, segments=list(place.segments)
+            )
             return
         acc = reduce_output.to(torch.float32)
         if average:  # before the sum, as DDP's default: no overflow near the fp32 maximum
