@@ -17,6 +17,7 @@ Bit layout (shared by every backend, bit for bit):
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,7 +118,27 @@ def _require(ok: bool | torch.SymBool, error: ValueError) -> None:
         torch._check(ok, lambda: str(error))
 
 
+# Packed objects made by quantize(): their metadata (frozen fields) is right by
+# construction, so dequantize only re-checks what can still change, the tensors' sizes and
+# dtypes (the full check costs more than dequantizing a small activation).
+_TRUSTED: weakref.WeakSet[Packed] = weakref.WeakSet()
+
+
 def _validate_packed(p: Packed) -> None:
+    if p in _TRUSTED:
+        spec, n = p.spec, p.numel
+        if (
+            p.payload.dtype == torch.uint8
+            and p.scales.dtype == spec.scale_dtype
+            and p.payload.numel() == spec.payload_nbytes(n)
+            and p.scales.numel() == -(-n // spec.block)
+            and p.payload.device == p.scales.device
+        ):
+            return
+    _validate_full(p)
+
+
+def _validate_full(p: Packed) -> None:
     if not isinstance(p.spec, QuantSpec):
         raise TypeError(f"agoq.dequantize: Packed.spec must be a QuantSpec, got {p.spec!r}")
     for name in ("payload", "scales"):
@@ -533,12 +554,16 @@ def quantize(
     else:
         from . import ops
 
-        rows = flat.reshape(1, -1)
-        payload, scales = ops.split_wire(
-            ops.quantize_rows(rows, spec, generator=generator), spec, rows.shape[1]
+        n = flat.numel()
+        wire = ops.quantize_rows(flat.view(1, n), spec, generator=generator).view(-1)
+        lay = ops.row_layout(spec, n)
+        payload = wire[: lay.payload_bytes]
+        scales = (
+            wire[lay.scale_offset :].view(spec.scale_dtype)
+            if lay.nblocks
+            else wire[:0].view(spec.scale_dtype)
         )
-        payload, scales = payload[0], scales[0]
-    return Packed(
+    packed = Packed(
         payload=payload,
         scales=scales,
         spec=spec,
@@ -547,6 +572,9 @@ def quantize(
         dtype=x.dtype,
         memory_order=memory_order,
     )
+    if not torch.compiler.is_compiling():
+        _TRUSTED.add(packed)
+    return packed
 
 
 def dequantize(p: Packed, *, backend: Backend = "auto") -> torch.Tensor:

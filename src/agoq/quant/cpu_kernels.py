@@ -18,6 +18,7 @@ is available (or ``AGOQ_CPU_KERNEL=0``), :func:`supports` is False and the refer
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import codec
+from .ops import row_layout
 from .spec import QuantSpec
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -185,16 +187,33 @@ def _threads(numel: int) -> int:
     return torch.get_num_threads() if numel >= _PARALLEL_MIN else 1
 
 
+@functools.lru_cache(maxsize=256)
+def _consts(spec: QuantSpec) -> tuple:
+    """The kernel's per-spec arguments, computed once (this path runs per saved tensor)."""
+    lut = codec.code_values(spec, "cpu") if spec.format != "int" else None
+    return (
+        spec.bits,
+        _FORMATS[spec.format],
+        spec.block,
+        int(spec.scale_dtype == torch.bfloat16),
+        spec.max_level,
+        lut,  # kept alive here: the kernel reads it through its pointer
+        lut.data_ptr() if lut is not None else None,
+    )
+
+
+_FMAX = {dt: codec.finite_max(dt) for dt in _DTYPES}
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> torch.Tensor:
     """The wire (rows, row_bytes) of contiguous ``x`` (rows, row_elems); see agoq.quant.ops."""
-    from .ops import row_layout
-
     rows, n = x.shape
     lay = row_layout(spec, n)
     wire = torch.empty((rows, lay.row_bytes), dtype=torch.uint8)
     if rows == 0 or n == 0:
         return wire.zero_()
-    rc = library().agoq_quantize(
+    bits, fmt, block, bf16, maxv, _, _ = _consts(spec)
+    rc = _lib.agoq_quantize(
         x.data_ptr(),
         _DTYPES[x.dtype],
         rows,
@@ -203,12 +222,12 @@ def quantize(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> to
         wire.data_ptr(),
         lay.row_bytes,
         lay.scale_offset,
-        spec.bits,
-        _FORMATS[spec.format],
-        spec.block,
-        int(spec.scale_dtype == torch.bfloat16),
-        spec.max_level,
-        _threads(x.numel()),
+        bits,
+        fmt,
+        block,
+        bf16,
+        maxv,
+        _threads(rows * n),
     )
     if rc != 0:
         raise RuntimeError(f"agoq CPU quantize kernel failed (code {rc}) for {spec}")
@@ -226,10 +245,8 @@ def dequantize(
         payload = payload.contiguous()
     if scales.stride(-1) != 1 and scales.shape[-1] > 1:
         scales = scales.contiguous()
-    lut = None
-    if spec.format != "int":
-        lut = codec.code_values(spec, "cpu")
-    rc = library().agoq_dequantize(
+    bits, fmt, block, _, _, _, lut_ptr = _consts(spec)
+    rc = _lib.agoq_dequantize(
         payload.data_ptr(),
         payload.stride(0) if rows > 1 else 0,
         scales.data_ptr(),
@@ -239,11 +256,11 @@ def dequantize(
         _DTYPES[out.dtype],
         rows,
         n,
-        spec.bits,
-        _FORMATS[spec.format],
-        spec.block,
-        lut.data_ptr() if lut is not None else None,
-        codec.finite_max(out.dtype),
+        bits,
+        fmt,
+        block,
+        lut_ptr,
+        _FMAX[out.dtype],
         _threads(rows * n),
     )
     if rc != 0:

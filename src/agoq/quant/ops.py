@@ -21,6 +21,7 @@ payload + scales, so one collective carries both.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +52,19 @@ def _scale_size(scale_dtype: torch.dtype) -> int:
 
 
 def _layout(bits: int, block: int, ssize: int, row_elems: int) -> RowLayout:
+    if type(row_elems) is int:  # symbolic sizes (under compile) are not hashable
+        return _layout_cached(bits, block, ssize, row_elems)
+    return _compute_layout(bits, block, ssize, row_elems)
+
+
+def _compute_layout(bits: int, block: int, ssize: int, row_elems: int) -> RowLayout:
     nb = -(-row_elems // block)
     pb = nb * block * bits // 8
     so = -(-pb // ssize) * ssize
     return RowLayout(nb, pb, so, so + nb * ssize)
+
+
+_layout_cached = functools.lru_cache(maxsize=4096)(_compute_layout)
 
 
 def _spec(bits: int, fmt: str, block: int, bf16_scales: bool, stochastic: bool) -> QuantSpec:
@@ -118,12 +128,15 @@ def quantize_blockwise(
     ``noise`` (fp32 uniform [0, 1), shape (rows, nblocks * block)) selects stochastic
     rounding; None is round-to-nearest-even."""
     spec = _spec(bits, fmt, block, bf16_scales, noise is not None)
+    return _quantize_impl(x, spec, noise)
+
+
+def _quantize_impl(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> torch.Tensor:
+    """The op's kernel choice (also called directly by eager callers, see _eager)."""
     x = x.contiguous()
     if noise is not None:
         noise = noise.contiguous()
     if x.device.type == "cpu":
-        from . import cpu_kernels
-
         if cpu_kernels.supports(spec, x.dtype):
             return cpu_kernels.quantize(x, spec, noise)
     elif x.device.type == "cuda":
@@ -144,8 +157,6 @@ def _dequantize_into(
     payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, out: torch.Tensor
 ) -> None:
     if payload.device.type == "cpu":
-        from . import cpu_kernels
-
         if cpu_kernels.supports(spec, out.dtype):
             cpu_kernels.dequantize(payload, scales, spec, n, out)
             return
@@ -171,8 +182,14 @@ def dequantize_blockwise(
     """Rows (rows, row_elems) of ``dtype`` from payload (rows, payload_bytes) and scales
     (rows, nblocks); both may be row-strided views of a wire."""
     spec = _spec(bits, fmt, block, scales.dtype == torch.bfloat16, False)
-    out = torch.empty((payload.shape[0], row_elems), dtype=dtype, device=payload.device)
-    _dequantize_into(payload, scales, spec, row_elems, out)
+    return _dequantize_new(payload, scales, spec, row_elems, dtype)
+
+
+def _dequantize_new(
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    out = torch.empty((payload.shape[0], n), dtype=dtype, device=payload.device)
+    _dequantize_into(payload, scales, spec, n, out)
     return out
 
 
@@ -204,6 +221,15 @@ def _(payload, scales, bits, fmt, block, out):
 # ---------------------------------------------------------------------- Python API
 
 
+def _eager(t: torch.Tensor) -> bool:
+    """True for a plain tensor outside tracing: the op's kernel is then called directly.
+
+    Python custom-op dispatch costs ~80 us a call, which many small activations would pay;
+    under torch.compile, for fake/functional tensors or tensor subclasses (DTensor) the
+    registered op runs, so graphs hold it and subclasses dispatch as usual."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def _check_rows(x: torch.Tensor, spec: QuantSpec) -> None:
     codec.check_quantizable(x)
     if not isinstance(spec, QuantSpec):
@@ -230,6 +256,8 @@ def quantize_rows(
     noise = None
     if spec.rounding == "stochastic":
         noise = make_noise(tuple(x.shape), spec, generator, x.device)
+    if _eager(x):
+        return _quantize_impl(x, spec, noise)
     return torch.ops.agoq.quantize_blockwise(
         x, spec.bits, spec.format, spec.block, spec.scale_dtype == torch.bfloat16, noise
     )
@@ -266,6 +294,8 @@ def dequantize_rows(
     ``out`` (contiguous, (rows, row_elems), on the payload's device) receives the values
     instead of a new tensor; its dtype is the output dtype."""
     if out is None:
+        if _eager(payload):
+            return _dequantize_new(payload, scales, spec, row_elems, dtype)
         return torch.ops.agoq.dequantize_blockwise(
             payload, scales, spec.bits, spec.format, spec.block, row_elems, dtype
         )
@@ -280,11 +310,16 @@ def dequantize_rows(
             f"dequantize_rows: out must be a contiguous float32/bfloat16/float16 tensor of "
             f"shape ({payload.shape[0]}, {row_elems}) on {payload.device}"
         )
-    torch.ops.agoq.dequantize_blockwise_into(
-        payload, scales, spec.bits, spec.format, spec.block, out
-    )
+    if _eager(payload) and _eager(out):
+        _dequantize_into(payload, scales, spec, row_elems, out)
+    else:
+        torch.ops.agoq.dequantize_blockwise_into(
+            payload, scales, spec.bits, spec.format, spec.block, out
+        )
     return out
 
+
+from . import cpu_kernels  # noqa: E402  (it imports row_layout from this module)
 
 __all__ = [
     "RowLayout",
