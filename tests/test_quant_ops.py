@@ -188,3 +188,32 @@ def test_fp4_rounding_ties_go_to_even_like_the_reference():
     assert torch.equal(wire, ref)
     back = ops.dequantize_rows(*ops.split_wire(wire, spec, 16), spec, 16)[0]
     assert back[:8].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0]
+
+
+def test_without_a_compiler_the_reference_runs_with_a_warning(tmp_path):
+    """A machine with no C compiler gets one clear warning and the reference's results."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "from agoq.quant import QuantSpec, codec, cpu_kernels\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    x = torch.randn(3000)\n"
+        "    p = codec.quantize(x, QuantSpec())\n"
+        "ref = codec.quantize_flat_torch(x, QuantSpec())\n"
+        "assert torch.equal(p.payload, ref[0]) and torch.equal(p.scales, ref[1])\n"
+        "assert not cpu_kernels.supports(QuantSpec(), torch.float32)\n"
+        "msgs = [str(m.message) for m in w if 'fused CPU codec kernel' in str(m.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "print(msgs[0])\n"
+    )
+    env = {
+        **__import__("os").environ,
+        "CC": str(tmp_path / "no-such-cc"),
+        "AGOQ_CACHE_DIR": str(tmp_path),
+    }
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "no-such-cc" in out.stdout or "failed" in out.stdout or "No such file" in out.stdout
