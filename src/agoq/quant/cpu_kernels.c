@@ -8,11 +8,22 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #define MAX_BLOCK 4096
 
+
 static inline float bits2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t f2bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* float -> bfloat16, round to nearest even (torch's rounding; a NaN stays a NaN). */
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u = f2bits(f);
+    uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : r;
+}
 
 static void load_block(const void *x, int dtype, int64_t start, int64_t count, int block,
                        float *out) {
@@ -145,12 +156,14 @@ static inline int32_t enc_int_noise(float v, float u, int32_t qmax, int32_t half
     return q + half;
 }
 
-/* Nearest-even E2M1 of |v| <= 6 by its rounding thresholds (the midpoints of the grid
- * 0, .5, 1, 1.5, 2, 3, 4, 6; a tie goes to the even code: > or >=). */
+/* Nearest-even E2M1 of |v| <= 6. The grid 0, .5, .., 2 | 2, 3, 4 | 4, 6 is uniform within
+ * each range, so one round-to-nearest-even of a * (2, 1 or 1/2) (exact: powers of two) plus
+ * the range's first code gives the reference's code, ties included. */
 static inline int32_t enc_fp4(float v) {
     float a = fabsf(v);
-    int32_t code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
-                   (a >= 3.5f) + (a > 5.0f);
+    float m = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
+    int32_t c = (a < 2.0f ? 0 : 2) + (a < 4.0f ? 0 : 2);
+    int32_t code = (int32_t)rintf(a * m) + c;
     return code | ((int32_t)(v < 0.0f) << 3);
 }
 
@@ -234,12 +247,6 @@ int agoq_quantize(const void *x, int dtype, int64_t rows, int64_t row_elems,
     return 0;
 }
 
-/* float -> bfloat16, round to nearest even (torch's rounding; a NaN stays a NaN). */
-static inline uint16_t bf16_rne(float f) {
-    uint32_t u = f2bits(f);
-    uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return f != f ? (uint16_t)0x7FC0 : r;
-}
 
 /* E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 (exact, as the table's): codes >= 2 are
  * the fp32 bit patterns (c + 252) << 22. */
@@ -274,6 +281,72 @@ static inline float dec_fp4(int32_t c) {
         }                                                                                  \
     } while (0)
 
+/* A 4-bit block from its 16-entry value table: element j (j < B/2) is the low nibble of
+ * byte j, element j + B/2 its high nibble. Output float32 (dtype 0) or bfloat16 (1). */
+static void dequant4_lookup(const uint8_t *src, int block, const float *tab, int dtype,
+                            uint8_t *dst) {
+    const int h = block / 2;
+    uint16_t tab16[16];
+    for (int c = 0; c < 16; c++) tab16[c] = bf16_rne(tab[c]);
+#if defined(__AVX2__)
+    if (h % 32 == 0) {
+        const __m256i lowmask = _mm256_set1_epi8(0x0F);
+        if (dtype == 1) {
+            uint8_t lo[16], hi[16];
+            for (int c = 0; c < 16; c++) {
+                lo[c] = (uint8_t)(tab16[c] & 0xFF);
+                hi[c] = (uint8_t)(tab16[c] >> 8);
+            }
+            const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lo));
+            const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)hi));
+            uint16_t *out = (uint16_t *)dst;
+            for (int j = 0; j < h; j += 32) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i *)(src + j));
+                __m256i nib[2] = {_mm256_and_si256(bytes, lowmask),
+                                  _mm256_and_si256(_mm256_srli_epi16(bytes, 4), lowmask)};
+                for (int k = 0; k < 2; k++) {
+                    __m256i l = _mm256_shuffle_epi8(tlo, nib[k]);
+                    __m256i u = _mm256_shuffle_epi8(thi, nib[k]);
+                    __m256i a = _mm256_unpacklo_epi8(l, u); /* elements 0-7 | 16-23 */
+                    __m256i b = _mm256_unpackhi_epi8(l, u); /* elements 8-15 | 24-31 */
+                    uint16_t *o = out + j + k * h;
+                    _mm256_storeu_si256((__m256i *)o, _mm256_permute2x128_si256(a, b, 0x20));
+                    _mm256_storeu_si256((__m256i *)(o + 16), _mm256_permute2x128_si256(a, b, 0x31));
+                }
+            }
+        } else {
+            const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
+            float *out = (float *)dst;
+            for (int j = 0; j < h; j += 8) {
+                __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + j)));
+                __m256i nib[2] = {_mm256_and_si256(bytes, _mm256_set1_epi32(15)),
+                                  _mm256_srli_epi32(bytes, 4)};
+                for (int k = 0; k < 2; k++) {
+                    __m256 a = _mm256_permutevar8x32_ps(t0, nib[k]);
+                    __m256 b = _mm256_permutevar8x32_ps(t1, nib[k]);
+                    __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(nib[k], 28));
+                    _mm256_storeu_ps(out + j + k * h, _mm256_blendv_ps(a, b, sel));
+                }
+            }
+        }
+        return;
+    }
+#endif
+    if (dtype == 1) {
+        uint16_t *out = (uint16_t *)dst;
+        for (int j = 0; j < h; j++) {
+            out[j] = tab16[src[j] & 15];
+            out[j + h] = tab16[src[j] >> 4];
+        }
+    } else {
+        float *out = (float *)dst;
+        for (int j = 0; j < h; j++) {
+            out[j] = tab[src[j] & 15];
+            out[j + h] = tab[src[j] >> 4];
+        }
+    }
+}
+
 int agoq_dequantize(const uint8_t *payload, int64_t p_stride, const void *scales,
                     int64_t s_stride, int bf16_scale, void *out, int dtype, int64_t rows,
                     int64_t row_elems, int bits, int fmt, int block, const float *lut,
@@ -295,6 +368,21 @@ int agoq_dequantize(const uint8_t *payload, int64_t p_stride, const void *scales
             s = ((const float *)scales)[r * s_stride + b];
         }
         const float half = (float)(1 << (bits - 1));
+        int64_t start = b * block;
+        int64_t count = row_elems - start < block ? row_elems - start : block;
+        int64_t o = r * row_elems + start;
+        if (bits == 4 && count == block && dtype != 2) {
+            /* 16 codes: the block's 16 output values, computed by the same scalar math as
+             * below, then looked up (with byte shuffles under AVX2). */
+            float tab[16];
+            for (int c = 0; c < 16; c++) {
+                float a = (fmt == 0 ? ((float)c - half) : dec_fp4(c)) * s;
+                a = a > fmax ? fmax : a;
+                tab[c] = a < -fmax ? -fmax : a;
+            }
+            dequant4_lookup(src, block, tab, dtype, (uint8_t *)out + o * (dtype == 0 ? 4 : 2));
+            continue;
+        }
         if (fmt == 0) {
             DECODE(((float)c - half) * s);
         } else if (fmt == 1) {
@@ -309,9 +397,6 @@ int agoq_dequantize(const uint8_t *payload, int64_t p_stride, const void *scales
             a = a > fmax ? fmax : a;
             v[i] = a < -fmax ? -fmax : a;
         }
-        int64_t start = b * block;
-        int64_t count = row_elems - start < block ? row_elems - start : block;
-        int64_t o = r * row_elems + start;
         if (dtype == 0) {
             memcpy((float *)out + o, v, (size_t)count * 4);
         } else if (dtype == 1) {
