@@ -68,6 +68,14 @@ def test_compiled_blocks_no_graph_break_no_recompile_and_close_gradients(backend
     rel = {n: ((grads[-1][n] - ref[n]).norm() / ref[n].norm()).item() for n in ref}
     assert max(rel.values()) < 0.35, rel
     assert all(torch.equal(grads[0][n], grads[2][n]) for n in ref)
+    # The module hooks leave with the context and come back under the same keys: a step
+    # outside adds one graph (no hooks), the next steps inside reuse the first.
+    plain = _step(model, tokens, None)  # unquantized: the compiled plain graph
+    for n in ref:
+        torch.testing.assert_close(plain[n], ref[n], rtol=1e-4, atol=1e-5)
+    again = [_step(model, tokens, plan) for _ in range(2)]
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert all(torch.equal(again[-1][n], grads[0][n]) for n in ref)
 
 
 def test_compiled_keep_plan_is_exact():

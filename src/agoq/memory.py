@@ -66,7 +66,9 @@ class MemoryReport:
         self, fqn: str, kind: str, mode: str, elements: int, original: int, stored: int
     ) -> None:
         """Account one pack call (elements/bytes are 0 for a repeat save)."""
-        row = self.rows.setdefault((fqn, kind), Row())
+        row = self.rows.get((fqn, kind))
+        if row is None:  # not setdefault: a Row per call is the cost of a pack hook
+            row = self.rows[(fqn, kind)] = Row()
         row.saves += 1
         row.modes[mode] += 1
         if mode != "dedup":

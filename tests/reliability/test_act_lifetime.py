@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 
 import pytest
 import torch
@@ -323,3 +324,87 @@ def test_quantized_spec_error_bound_holds_per_step():
     lin.weight.grad = None
     lin(x).sum().backward()
     assert rel(got, lin.weight.grad) < 0.01
+
+
+# ---------------------------------------------------------------- global module hooks
+
+
+def _global_hooks():
+    from torch.nn.modules import module as nn_module
+
+    return (
+        dict(nn_module._global_forward_pre_hooks),
+        dict(nn_module._global_forward_hooks),
+        dict(nn_module._global_forward_hooks_always_called),
+    )
+
+
+def test_global_module_hooks_live_only_while_a_context_is_active():
+    """Module hooks are process-wide: they must go with the last active context (nested,
+    in another thread, after an exception), and a compiled module called afterwards must
+    not warn about global hooks."""
+    before = _global_hooks()
+    plan = ActivationPlan.agoq(min_numel=0)
+    model = MLP()
+    x = torch.randn(64, 32)
+    outer, inner = agoq.quantize_activations(plan), agoq.quantize_activations(plan)
+    with outer:
+        assert _global_hooks() != before
+        with inner:
+            pass
+        model(x)  # the outer context still follows the modules after the inner exits
+    assert _global_hooks() == before
+    assert "<no module>" not in {fqn for fqn, _ in outer.report.rows}
+    assert "l2" in {fqn for fqn, _ in outer.report.rows}
+
+    with pytest.raises(ValueError, match="boom"):
+        with outer:
+            raise ValueError("boom")
+    assert _global_hooks() == before
+
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with agoq.quantize_activations(plan):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert entered.wait(10)
+        with outer:
+            pass
+        assert _global_hooks() != before  # the other thread's context is still active
+    finally:
+        release.set()
+        t.join(10)
+    assert _global_hooks() == before
+
+    compiled = torch.compile(nn.Linear(4, 4), backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(torch.randn(2, 4))
+
+
+def test_failed_entry_leaves_nothing_behind(monkeypatch):
+    """An error while entering (here: the recipe mode) undoes every step already taken."""
+    from agoq.activations import context as ctx_mod
+
+    class Broken:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("mode failed")
+
+    before = _global_hooks()
+    ctx = agoq.quantize_activations(ActivationPlan.agoq())
+    monkeypatch.setattr(ctx_mod, "RecipeMode", Broken)
+    with pytest.raises(RuntimeError, match="mode failed"):
+        ctx.__enter__()
+    assert _global_hooks() == before
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    monkeypatch.undo()
+    with ctx:  # not left "already active"
+        MLP()(torch.randn(4, 32))

@@ -39,6 +39,7 @@ _VIEW_NODES = frozenset(
     }
 )
 _CAST_NODES = frozenset({"ToCopyBackward0"})
+_CHAIN_NODES = _VIEW_NODES | _CAST_NODES
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -58,7 +59,7 @@ def parameter_source(t: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
     parameter), optionally viewed: ``exact`` says the copy can be rebuilt bit for bit as
     ``leaf.to(t.dtype)`` viewed with ``t``'s geometry. (None, False) otherwise."""
     fn = t.grad_fn
-    if fn is None:
+    if fn is None or type(fn).__name__ not in _CHAIN_NODES:  # most saves end here
         return None, False
     casts = 0
     cast_on_leaf = False
@@ -90,14 +91,19 @@ def parameter_source(t: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
 
 class ModuleTracker:
     """The module stack of one context in the thread that entered it, plus what each
-    module is (FQN, kind, producer kind) and the static tensors of the models seen."""
+    module is (FQN, kind, producer kind) and the static tensors of the models seen.
+
+    Per module call the hooks resolve, once, where a save inside it belongs (the innermost
+    module with a kind), so a pack only reads the top of a stack."""
 
     def __init__(self, plan: ActivationPlan) -> None:
         self.plan = plan
         self.stack: list[nn.Module] = []
-        self._info: weakref.WeakKeyDictionary[nn.Module, tuple[str, str | None, str | None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Parallel to ``stack``: (FQN, kind) a save belongs to, and whether a rule named it.
+        self._where: list[tuple[str, str, bool]] = []
+        # id(module) -> (weak module, (fqn, kind, producer kind)); plain dict: a
+        # WeakKeyDictionary lookup makes a weakref per call.
+        self._info: dict[int, tuple[weakref.ref, tuple[str, str | None, str | None]]] = {}
         self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._statics: dict[int, weakref.ref] = {}
         self._by_shape: dict[tuple[int, ...], dict[int, weakref.ref]] = {}
@@ -109,26 +115,63 @@ class ModuleTracker:
             self.plan = plan
             # Forget the roots too, so their next forward names every module by its FQN
             # again (a module first seen without its root only gets its class name).
-            self._info = weakref.WeakKeyDictionary()
+            self._info = {}
             self._roots = weakref.WeakSet()
 
+    def reset(self) -> None:
+        """Forget the running modules (at enter and exit of the context)."""
+        self.stack.clear()
+        self._where.clear()
+
     # ----------------------------------------------------------------- module hooks
+
+    def _set_info(self, m: nn.Module, info: tuple[str, str | None, str | None]) -> None:
+        key = id(m)
+        table = self._info
+
+        def drop(wr: weakref.ref) -> None:
+            entry = table.get(key)
+            if entry is not None and entry[0] is wr:
+                del table[key]
+
+        table[key] = (weakref.ref(m, drop), info)
+
+    def _module_info(self, m: nn.Module) -> tuple[str, str | None, str | None]:
+        entry = self._info.get(id(m))
+        if entry is not None and entry[0]() is m:
+            return entry[1]
+        # A module outside every root seen (created on the fly): named by its class.
+        name = type(m).__name__
+        info = (name, self.plan.kind_of(name, m), None)
+        self._set_info(m, info)
+        return info
 
     def pre(self, module: nn.Module) -> None:
         """A module's forward starts."""
         if not self.stack:
             self._register_root(module)
+        fqn, kind, _ = self._module_info(module)
+        where = self._where
+        if kind is not None:
+            where.append((fqn, kind, True))
+        elif where and where[-1][2]:
+            where.append(where[-1])
+        else:
+            where.append((fqn, "other", False))
         self.stack.append(module)
 
     def post(self, module: nn.Module, output: Any) -> None:
         """A module's forward ended (or raised)."""
-        while self.stack:
-            if self.stack.pop() is module:
+        stack, where = self.stack, self._where
+        while stack:
+            where.pop()
+            if stack.pop() is module:
                 break
-        info = self._info.get(module)
-        if info is not None and info[2] is not None and isinstance(output, torch.Tensor):
-            key = id(output)
-            self._producers[key] = (weakref.ref(output, self._forget(key)), info[2])
+        if isinstance(output, torch.Tensor):
+            entry = self._info.get(id(module))
+            if entry is not None and entry[1][2] is not None and entry[0]() is module:
+                key = id(output)
+                self._producers[key] = (weakref.ref(output, self._forget(key)), entry[1][2])
 
     def _forget(self, key: int):
         table = self._producers
@@ -146,12 +189,10 @@ class ModuleTracker:
         if root not in self._roots:
             self._roots.add(root)
             for fqn, m in root.named_modules():
-                if m not in self._info:
-                    self._info[m] = (
-                        fqn,
-                        self.plan.kind_of(fqn, m),
-                        self.plan.producer_kind(fqn, m),
-                    )
+                entry = self._info.get(id(m))
+                if entry is None or entry[0]() is not m:
+                    info = (fqn, self.plan.kind_of(fqn, m), self.plan.producer_kind(fqn, m))
+                    self._set_info(m, info)
         for t in [*root.parameters(), *root.buffers()]:
             self._add_static(t)
 
@@ -177,19 +218,13 @@ class ModuleTracker:
         return drop
 
     def where(self) -> tuple[str, str]:
-        """(FQN, kind) of the innermost module with a kind on the stack."""
-        fqn = None
-        plan = self.plan
-        for m in reversed(self.stack):
-            info = self._info.get(m)
-            if info is None:
-                info = (type(m).__name__, plan.kind_of(type(m).__name__, m), None)
-                self._info[m] = info
-            if fqn is None:
-                fqn = info[0]
-            if info[1] is not None:
-                return info[0], info[1]
-        return (fqn if fqn is not None else "<no module>"), "other"
+        """(FQN, kind) of the innermost module with a kind on the stack (else the
+        innermost module's FQN and ``"other"``)."""
+        where = self._where
+        if where:
+            w = where[-1]
+            return w[0], w[1]
+        return "<no module>", "other"
 
     def producer(self, t: torch.Tensor) -> str | None:
         """The kind a producer rule gave ``t`` (e.g. the embedding's output), if any."""
@@ -200,16 +235,20 @@ class ModuleTracker:
 
     def is_static(self, t: torch.Tensor) -> bool:
         """A parameter or buffer (or a view of one) of a model seen in this context."""
-        if isinstance(t, nn.Parameter):
-            return True
         base = t._base
-        if base is not None and isinstance(base, nn.Parameter):
-            return True
-        key = base if base is not None else t
+        key = t if base is None else base
         wr = self._statics.get(id(key))
         if wr is not None and wr() is key:
             return True
-        if key.grad_fn is not None or key.requires_grad:
+        if base is not None and isinstance(t, nn.Parameter):
+            return True
+        # An activation has a grad_fn and is never a parameter (those are leaves): decided
+        # without the (Python-level, slow) Parameter instance check.
+        if key.grad_fn is not None:
+            return False
+        if isinstance(key, nn.Parameter):
+            return True
+        if key.requires_grad:
             return False
         # A buffer (re)assigned during this very forward: look at the running modules.
         for m in self.stack:

@@ -16,14 +16,14 @@ came from was not modified in place; nothing is held once autograd frees the gra
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 
 from ..memory import MemoryReport
 from ..quant import QuantSpec, quantize
-from .classify import ModuleTracker, parameter_source
+from ._compat import no_static_hooks_filtering, top_saved_tensors_hooks
+from .classify import _CHAIN_NODES, ModuleTracker, parameter_source
 from .hooks import hook_pair, pop_active, push_active
 from .plan import ActivationPlan
 from .recompute import RecipeMode, Recipes
@@ -31,6 +31,7 @@ from .store import (
     Expanded,
     FromParameter,
     Handle,
+    HeldKept,
     Kept,
     Quantized,
     Recipe,
@@ -40,12 +41,8 @@ from .store import (
 )
 
 # dtypes the codec stores; anything else (float64, complex, ints) is kept untouched.
-_CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CODEC_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
 _MAX_RECIPE_DEPTH = 16
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class ActivationContext:
@@ -81,35 +78,43 @@ class ActivationContext:
         if not isinstance(self.plan, ActivationPlan):
             raise TypeError(f"ActivationContext.plan must be an ActivationPlan, got {self.plan!r}")
         self._active = True
-        self._tracker.set_plan(self.plan)
-        self._tracker.stack.clear()
-        self._pair = hook_pair(self.plan)
-        hooks = torch.autograd.graph.saved_tensors_hooks(*self._pair)
-        hooks.__enter__()
-        push_active(self)
-        # "no_static": the hooks also see a compiled region's non-static inputs (a block's
-        # input, saved for its first norm), never its parameters or buffers.
-        filtering = torch._functorch.config.patch(saved_tensors_hooks_filtering_mode="no_static")
-        filtering.__enter__()
-        self._handles = [hooks, filtering]
-        if self.plan.recompute:
-            mode = RecipeMode(self._recipes, self._hooks_on_top)
-            mode.__enter__()
-            self._handles.append(mode)
+        try:
+            self._tracker.set_plan(self.plan)
+            self._tracker.reset()
+            self._pair = hook_pair(self.plan)
+            hooks = torch.autograd.graph.saved_tensors_hooks(*self._pair)
+            hooks.__enter__()
+            self._handles = [hooks]
+            push_active(self)  # installs the module hooks while any context is active
+            self._handles.append(_Popper(self))
+            # "no_static": the hooks also see a compiled region's non-static inputs (a
+            # block's input, saved for its first norm), never its parameters or buffers.
+            filtering = no_static_hooks_filtering()
+            filtering.__enter__()
+            self._handles.append(filtering)
+            if self.plan.recompute:
+                mode = RecipeMode(self._recipes, self._hooks_on_top)
+                mode.__enter__()
+                self._handles.append(mode)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         handles, self._handles = self._handles, []
-        for h in reversed(handles):
-            h.__exit__(*exc)
-        pop_active(self)
-        self._tracker.stack.clear()
-        self._active = False
+        try:
+            for h in reversed(handles):
+                h.__exit__(*exc)
+        finally:
+            pop_active(self)  # no-op when already popped
+            self._tracker.reset()
+            self._active = False
 
     def _hooks_on_top(self) -> bool:
         """False inside someone else's saved-tensor hooks (e.g. activation checkpointing),
         where our pack never runs: recording recipes there would only cost time."""
-        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        top = top_saved_tensors_hooks()
         return top is not None and top[0] is self._pair[0]
 
     # ------------------------------------------------------------ pack helpers
@@ -159,9 +164,7 @@ class ActivationContext:
 
     def _pack(self, t: torch.Tensor) -> Any:
         tracker = self._tracker
-        if tracker.is_static(t):
-            return Kept(t)
-        if t.dtype not in _CODEC_DTYPES:
+        if tracker.is_static(t) or t.dtype not in _CODEC_DTYPES:
             return Kept(t)  # float64, complex, integer and bool saves stay exact
         base = t._base
         key = base if base is not None and base.numel() == t.numel() else t
@@ -169,44 +172,72 @@ class ActivationContext:
         prod = tracker.producer(key)
         if prod is not None:
             kind = prod
+        report = self.report
         handle = self._table.get(key)
         if handle is not None:
-            self.report.record(fqn, kind, "dedup", 0, 0, 0)
+            report.record(fqn, kind, "dedup", 0, 0, 0)
             return handle if key is t else View(handle, t, key)
 
-        handle = self._derived_handle(key)
+        # Most saves are outputs of ordinary ops, never copies of a parameter: one test of
+        # the grad_fn's type spares them the walk of _derived_handle.
+        fn = key.grad_fn
+        handle = None
+        if fn is None or type(fn).__name__ in _CHAIN_NODES:
+            handle = self._derived_handle(key)
         if handle is not None:
             mode, stored = "rebuilt", 0
         else:
             handle, mode, stored = self._store(key, kind)
         self._table.put(key, handle)
-        self.report.record(fqn, kind, mode, key.numel(), _nbytes(key), stored)
-        if stored:
-            self.report.hold(stored)
-            # Released when autograd drops the handle (with the graph), not when the
-            # tensor dies: a tensor that outlives the step is not held on our account.
-            weakref.finalize(handle, self.report.release, stored)
+        report.record(fqn, kind, mode, key.numel(), key.nbytes, stored)
         return handle if key is t else View(handle, t, key)
 
     def _store(self, key: torch.Tensor, kind: str) -> tuple[Handle, str, int]:
-        """Store ``key`` as its kind's action says: (handle, mode, stored bytes)."""
+        """Store ``key`` as its kind's action says: (handle, mode, stored bytes).
+
+        Stored bytes are held in the report until autograd drops the handle (with the
+        graph), not until the tensor dies: a tensor that outlives the step is not held on
+        our account."""
         plan = self.plan
+        report = self.report
         action = plan.action(kind)
-        if key.numel() < plan.min_numel or action == "keep":
-            return Kept(key), "kept", _nbytes(key)
+        if action == "keep" or key.numel() < plan.min_numel:
+            nbytes = key.nbytes
+            report.hold(nbytes)
+            return HeldKept(key, report.release, nbytes), "kept", nbytes
         if plan.recompute:
             handle = self._recipe_handle(key)
             if handle is not None:
                 return handle, "recomputed", 0
         spec = action if isinstance(action, QuantSpec) else plan.fallback
         if not isinstance(spec, QuantSpec):
-            return Kept(key), "kept", _nbytes(key)
+            nbytes = key.nbytes
+            report.hold(nbytes)
+            return HeldKept(key, report.release, nbytes), "kept", nbytes
         dense = compact(key)
         if dense is not None:  # a broadcast: store its distinct elements only
             packed = quantize(dense, spec)
-            return Expanded(Quantized(packed, key), key.shape), "quantized", packed.nbytes
+            nbytes = packed.nbytes
+            report.hold(nbytes)
+            inner = Quantized(packed, key, report.release, nbytes)
+            return Expanded(inner, key.shape), "quantized", nbytes
         packed = quantize(key, spec)
-        return Quantized(packed, key), "quantized", packed.nbytes
+        nbytes = packed.nbytes
+        report.hold(nbytes)
+        return Quantized(packed, key, report.release, nbytes), "quantized", nbytes
+
+
+class _Popper:
+    """Exit step that leaves this thread's active contexts (and, with the last active
+    context of the process, removes the global module hooks)."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: ActivationContext) -> None:
+        self.ctx = ctx
+
+    def __exit__(self, *exc: object) -> None:
+        pop_active(self.ctx)
 
 
 def quantize_activations(plan: ActivationPlan | None = None) -> ActivationContext:

@@ -27,15 +27,10 @@ from typing import Any
 import torch
 
 from ..quant import Packed, QuantSpec, dequantize, quantize
+from ._compat import GlobalModuleHooks
+from ._compat import saved_tensor_hook_context as _get_saved_tensor_hook_context
 from .plan import ActivationPlan
-
-try:  # private in torch 2.13 ("may change without backward compatibility")
-    from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
-except ImportError:  # pragma: no cover - other torch versions: no per-node information
-
-    def _get_saved_tensor_hook_context() -> dict[str, Any] | None:
-        return None
-
+from .store import Handle
 
 # Active ActivationContexts of the calling thread, innermost last. Per thread: a forward
 # running in another thread (an eval model, a data worker) must not reach this thread's
@@ -71,20 +66,48 @@ def active() -> list[Any]:
 
 def push_active(ctx: Any) -> None:
     """Make ``ctx`` the context this thread's eager packs and module hooks go to."""
+    _acquire_module_hooks()
     active().append(ctx)
-    _install_module_hooks()
 
 
 def pop_active(ctx: Any) -> None:
-    """Remove ``ctx`` from this thread's active contexts."""
+    """Remove ``ctx`` from this thread's active contexts (no-op if it is not there)."""
     stack = active()
     for i in range(len(stack) - 1, -1, -1):
         if stack[i] is ctx:
             del stack[i]
+            _release_module_hooks()
             return
 
 
-_MODULE_HOOKS: list = []
+# The global module hooks are installed only while some context is active, in any thread
+# (a count of active entries): with them, every module call in the process takes
+# nn.Module's slow path, and torch warns at every call of a torch.compile'd module. They
+# come back under the same keys (see GlobalModuleHooks), so a compiled region is not
+# recompiled at every entry.
+_HOOKS_LOCK = threading.Lock()
+_HOOK_USERS = 0
+
+
+def _acquire_module_hooks() -> None:
+    global _HOOK_USERS
+    with _HOOKS_LOCK:
+        if _HOOK_USERS == 0:
+            _MODULE_HOOKS.install()
+        _HOOK_USERS += 1
+
+
+def _release_module_hooks() -> None:
+    global _HOOK_USERS
+    with _HOOKS_LOCK:
+        _HOOK_USERS -= 1
+        if _HOOK_USERS == 0:
+            _MODULE_HOOKS.remove()
+
+
+def module_hooks_installed() -> bool:
+    """True while agoq's global module hooks are registered (some context is active)."""
+    return _MODULE_HOOKS.installed
 
 
 def _global_pre_hook(module: torch.nn.Module, args: Any) -> None:
@@ -105,17 +128,7 @@ def _global_post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
         stack[-1]._tracker.post(module, output)
 
 
-def _install_module_hooks() -> None:
-    """Register the global module hooks once per process: dynamo guards on the keys of the
-    global hook dicts, so re-registering per context would recompile every compiled region.
-    With no active context in the calling thread each hook is one attribute lookup."""
-    if not _MODULE_HOOKS:
-        from torch.nn.modules import module as nn_module
-
-        _MODULE_HOOKS.append(nn_module.register_module_forward_pre_hook(_global_pre_hook))
-        _MODULE_HOOKS.append(
-            nn_module.register_module_forward_hook(_global_post_hook, always_call=True)
-        )
+_MODULE_HOOKS = GlobalModuleHooks(_global_pre_hook, _global_post_hook)
 
 
 def _is_attention_op(target: Any) -> bool:
@@ -263,6 +276,23 @@ class _HookModule(torch.fx.GraphModule):
         return self.forward(*args)
 
 
+def _pack_call(self: torch.fx.GraphModule, x: torch.Tensor) -> Any:
+    # Eager: straight to the active context, without GraphModule's call wrappers (once
+    # per saved tensor). While AOTAutograd inlines the hook: the traced graph.
+    if _get_saved_tensor_hook_context() is None:
+        stack = getattr(_LOCAL, "stack", None)
+        if not stack:  # e.g. an autograd worker thread in a create_graph backward: keep
+            return x
+        return stack[-1]._pack(x)
+    return self.forward(x)
+
+
+def _unpack_call(self: torch.fx.GraphModule, obj: Any) -> Any:
+    if isinstance(obj, Handle):
+        return obj.get()
+    return self.forward(obj)
+
+
 def hook_pair(plan: ActivationPlan) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """The (pack, unpack) GraphModules for ``plan``, built once per distinct plan."""
     key = repr(plan)
@@ -271,8 +301,13 @@ def hook_pair(plan: ActivationPlan) -> tuple[torch.fx.GraphModule, torch.fx.Grap
         _PLANS[key] = plan
         pack = torch.fx.symbolic_trace(lambda x: agoq_pack(x, key))
         unpack = torch.fx.symbolic_trace(lambda obj: agoq_unpack(obj))
-        pair = _PAIRS[key] = (
+        pair = (
             _HookModule(pack, pack.graph, "agoq_pack_hook"),
             _HookModule(unpack, unpack.graph, "agoq_unpack_hook"),
         )
+        # Each GraphModule has a class of its own, whose __call__ recompile() set to
+        # GraphModule's wrapper chain: replace it with the direct calls above.
+        type(pair[0]).__call__ = _pack_call
+        type(pair[1]).__call__ = _unpack_call
+        _PAIRS[key] = pair
     return pair

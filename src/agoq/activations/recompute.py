@@ -64,6 +64,7 @@ _ACTIVATIONS: dict[Callable, Callable] = {
     F.relu: lambda x: F.relu(x),
 }
 _MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+_WATCHED = frozenset({F.rms_norm, *_ACTIVATIONS, *_MULS})
 
 
 class Recipes:
@@ -112,6 +113,10 @@ class RecipeMode(TorchFunctionMode):
         self.enabled = enabled
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        # Every torch call (and tensor attribute read) comes through here while the mode
+        # is on: the few watched functions are told apart by one set lookup first.
+        if func not in _WATCHED:
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not self.enabled():
             return func(*args, **kwargs)

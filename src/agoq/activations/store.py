@@ -35,11 +35,6 @@ def inplace_error(t: torch.Tensor, saved: int) -> RuntimeError:
     )
 
 
-def _check(t: torch.Tensor | None, version: int) -> None:
-    if t is not None and t._version != version:
-        raise inplace_error(t, version)
-
-
 class Handle:
     """Something unpack turns back into a tensor (any number of times)."""
 
@@ -60,8 +55,31 @@ class Kept(Handle):
         self.version = tensor._version
 
     def get(self) -> torch.Tensor:  # noqa: D102
-        _check(self.tensor, self.version)
-        return self.tensor
+        t = self.tensor
+        if t._version != self.version:
+            raise inplace_error(t, self.version)
+        return t
+
+
+class HeldKept(Kept):
+    """A kept tensor counted in the report's live bytes until autograd drops the handle."""
+
+    __slots__ = ("_on_free", "_nbytes")
+
+    def __init__(self, tensor: torch.Tensor, on_free: Callable[[int], None], nbytes: int) -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+        self._on_free = on_free
+        self._nbytes = nbytes
+
+    def __del__(self) -> None:
+        # Cheaper than weakref.finalize per handle (no registry), and runs at the same
+        # moment: when autograd drops the graph that holds this handle.
+        try:
+            on_free = self._on_free
+        except AttributeError:  # __init__ did not run
+            return
+        on_free(self._nbytes)
 
 
 class _Built(Handle):
@@ -72,15 +90,24 @@ class _Built(Handle):
 
     def __init__(self, source: torch.Tensor | None) -> None:
         self._last: weakref.ref | None = None
-        self._source = weakref.ref(source) if source is not None else None
-        self._version = source._version if source is not None else 0
+        if source is not None:
+            self._source: weakref.ref | None = weakref.ref(source)
+            self._version = source._version
+        else:
+            self._source = None
+            self._version = 0
 
     def get(self) -> torch.Tensor:  # noqa: D102
-        if self._source is not None:
-            _check(self._source(), self._version)
-        last = self._last() if self._last is not None else None
-        if last is not None and last._version == 0:
-            return last
+        src = self._source
+        if src is not None:
+            s = src()
+            if s is not None and s._version != self._version:
+                raise inplace_error(s, self._version)
+        last = self._last
+        if last is not None:
+            out = last()
+            if out is not None and out._version == 0:
+                return out
         out = self._build()
         self._last = weakref.ref(out)
         return out
@@ -90,13 +117,30 @@ class _Built(Handle):
 
 
 class Quantized(_Built):
-    """A tensor stored through the codec."""
+    """A tensor stored through the codec; with ``on_free``, its stored bytes are handed
+    back (``on_free(nbytes)``) when autograd drops the handle."""
 
-    __slots__ = ("packed",)
+    __slots__ = ("packed", "_on_free", "_nbytes")
 
-    def __init__(self, packed: Packed, source: torch.Tensor) -> None:
+    def __init__(
+        self,
+        packed: Packed,
+        source: torch.Tensor,
+        on_free: Callable[[int], None] | None = None,
+        nbytes: int = 0,
+    ) -> None:
         super().__init__(source)
         self.packed = packed
+        self._on_free = on_free
+        self._nbytes = nbytes
+
+    def __del__(self) -> None:
+        try:
+            on_free = self._on_free
+        except AttributeError:  # __init__ did not run
+            return
+        if on_free is not None:
+            on_free(self._nbytes)
 
     def _build(self) -> torch.Tensor:
         return dequantize(self.packed)
@@ -131,7 +175,9 @@ class FromParameter(_Built):
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
 
     def get(self) -> torch.Tensor:  # noqa: D102
-        _check(self.param, self.param_version)  # also when a rebuilt copy is reused
+        p = self.param
+        if p._version != self.param_version:  # also when a rebuilt copy is reused
+            raise inplace_error(p, self.param_version)
         return super().get()
 
     def _build(self) -> torch.Tensor:
@@ -171,9 +217,12 @@ class Expanded(Handle):
 def compact(t: torch.Tensor) -> torch.Tensor | None:
     """The distinct elements of an expanded tensor (size 1 where the stride is 0), or None
     when ``t`` has no stride-0 dimension of size > 1."""
+    strides = t.stride()
+    if 0 not in strides:  # the common case, without a Python loop over the dims
+        return None
     idx: list[Any] = [slice(None)] * t.dim()
     found = False
-    for d, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)):
+    for d, (size, stride) in enumerate(zip(t.shape, strides, strict=True)):
         if stride == 0 and size > 1:
             idx[d] = slice(0, 1)
             found = True
@@ -184,10 +233,17 @@ class SaveTable:
     """Tensors already stored in this context: tensor -> handle, keyed by the tensor's
     identity *and* its version, holding neither strongly. A tensor that lives across steps
     (a persistent buffer refilled in place) is therefore stored anew once it changed, and
-    an entry dies with the graph that holds its handle."""
+    an entry is void once its tensor or its handle (with the graph) is gone.
+
+    Void entries are swept when the table has doubled since the last sweep, instead of
+    by a weakref callback per entry: an entry holds nothing but two weak references, and
+    the callbacks (a closure each, two calls at death) were a good part of a pack's cost."""
+
+    _MIN_SWEEP = 1024
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
+        self._sweep_at = self._MIN_SWEEP
 
     def get(self, t: torch.Tensor) -> Handle | None:
         """The live handle stored for this very tensor at its current version."""
@@ -198,15 +254,17 @@ class SaveTable:
 
     def put(self, t: torch.Tensor, handle: Handle) -> None:
         """Remember that ``t`` (at its current version) is stored as ``handle``."""
-        key = id(t)
         entries = self._entries
+        entries[id(t)] = (weakref.ref(t), t._version, weakref.ref(handle))
+        if len(entries) >= self._sweep_at:
+            self._sweep()
 
-        def drop(wr: weakref.ref, key: int = key) -> None:
-            entry = entries.get(key)
-            if entry is not None and (entry[0] is wr or entry[2] is wr):
-                del entries[key]
-
-        entries[key] = (weakref.ref(t, drop), t._version, weakref.ref(handle, drop))
+    def _sweep(self) -> None:
+        entries = self._entries
+        for key in [k for k, e in entries.items() if e[0]() is None or e[2]() is None]:
+            del entries[key]
+        self._sweep_at = max(self._MIN_SWEEP, 2 * len(entries))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Live entries (a tensor and its handle both alive)."""
+        return sum(1 for e in self._entries.values() if e[0]() is not None and e[2]() is not None)
