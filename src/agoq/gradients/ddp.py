@@ -100,6 +100,7 @@ class _CommWorker:
             try:
                 job()
             finally:
+                del job  # it holds the state: let an abandoned state be collected
                 with self._idle:
                     self._pending -= 1
                     self._idle.notify_all()
@@ -359,11 +360,6 @@ class Int8AllReduceState:
 
     def _start(self, device: torch.device) -> _CommWorker:
         """The comm worker, started (with the state's own process group) at the first bucket."""
-        if self._broken is not None:
-            raise RuntimeError(
-                "Int8AllReduceState: an earlier bucket's collective failed, so the ranks may be "
-                "out of step; build a new state (and DDP model) to go on"
-            ) from self._broken
         if self._worker is None or not self._worker.alive:
             if self._comm is None:
                 parent = self.process_group if self.process_group is not None else dist.group.WORLD
@@ -422,8 +418,9 @@ class Int8AllReduceState:
         try:
             if self._broken is not None:
                 raise RuntimeError(
-                    "Int8AllReduceState: an earlier bucket's collective failed; this state "
-                    "does not reduce any more (build a new one)"
+                    "Int8AllReduceState: an earlier bucket's collective failed, so the ranks "
+                    "may be out of step; this state does not reduce any more: build a new "
+                    "state (and DDP model) to go on"
                 ) from self._broken
             if job.event is None:
                 self._reduce(job, stage)
