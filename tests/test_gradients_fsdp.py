@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -496,7 +497,33 @@ def _hsdp_2x2_rank(rank: int, world: int) -> dict:
     install_int8_reduce_scatter(model)  # over the shard group (2 ranks)
     install_int8_all_reduce_hook(model, mesh2.get_group("replicate"))  # across replicas
     got = _grads(model, rank)
-    return {"rel": _rel(got, mean), "grads": _np(got)}
+    out = {"rel": _rel(got, mean), "grads": _np(got)}
+
+    # The DDP hook over a proper subgroup (the replicate pairs {0, 2} and {1, 3}): its comm
+    # worker's process group is created by the pair only (use_local_synchronization), and
+    # two states over the same pair get two groups.
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from agoq.gradients import Int8AllReduceState, int8_allreduce
+
+    replicate = mesh2.get_group("replicate")
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(rank))
+    ddp_rel, ddp_grads = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+        ref = DDP(copy.deepcopy(net), process_group=replicate, bucket_cap_mb=0.005)
+        hooked = DDP(net, process_group=replicate, bucket_cap_mb=0.005)
+        hooked.register_comm_hook(Int8AllReduceState(replicate, model=hooked), int8_allreduce)
+        for m in (ref, hooked):
+            m(x).square().mean().backward()
+        a = torch.cat([p.grad.reshape(-1) for p in hooked.parameters()])
+        b = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+        ddp_rel.append(((a - b).norm() / b.norm()).item())
+        ddp_grads.append(a)
+    dist.barrier()
+    out["ddp_subgroup"] = (ddp_rel, ddp_grads)
+    return out
 
 
 def test_custom_hsdp_2x2_int8_reduce_scatter_and_hook():
@@ -507,3 +534,10 @@ def test_custom_hsdp_2x2_int8_reduce_scatter_and_hook():
         assert r["rel"]["all"] <= 0.02 and r["rel"]["max"] <= 0.025, r["rel"]
     g0 = results[0]["grads"]
     assert all(np.array_equal(g0[n], r["grads"][n]) for r in results[1:] for n in g0)
+    for r in results:
+        assert max(r["ddp_subgroup"][0]) <= 0.01, r["ddp_subgroup"][0]
+    for a, b in ((0, 2), (1, 3)):  # replicas of one pair agree bitwise
+        for ga, gb in zip(
+            results[a]["ddp_subgroup"][1], results[b]["ddp_subgroup"][1], strict=True
+        ):
+            assert torch.equal(ga, gb)
