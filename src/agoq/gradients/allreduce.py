@@ -106,15 +106,17 @@ def _check_segments(segments: list[tuple[int, int]], numel: int) -> None:
         end = off + n
 
 
-def _reset_non_finite_blocks(err: torch.Tensor, block: int) -> None:
+def _reset_non_finite_blocks(err: torch.Tensor) -> None:
     """Zero the error-feedback residual of every block that was not finite.
 
     A non-finite block (an fp16 overflow that GradScaler will skip) must still be sent as
     NaN, but its residual would be NaN too and poison every later step: it restarts at 0.
-    Finite blocks keep their residual."""
-    rows = err.view(-1, block)
-    bad = ~torch.isfinite(rows).all(dim=1)
-    rows.masked_fill_(bad.unsqueeze(1), 0.0)
+    Finite blocks keep their residual. ``err`` is ``x - dequantize(quantize(x))``: a block
+    holding NaN/Inf has a NaN scale, so its whole dequantized block, and thus its whole
+    ``err`` block, is NaN, while a finite block's error is finite (|err| <= half a step).
+    So zeroing the non-finite elements is zeroing the non-finite blocks, in one
+    elementwise pass (a per-block ``isfinite().all()`` took 10x as long)."""
+    torch.nan_to_num_(err, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def wire_bytes(
@@ -257,6 +259,27 @@ def _lay_out(
     return torch.cat(pieces)
 
 
+class Scratch:
+    """Work buffers kept between calls (grow-only, one caller at a time): the DDP comm
+    worker reuses them bucket after bucket instead of allocating (and, on CPU, page-faulting
+    in) fresh bucket-sized tensors."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat tensor of ``numel`` elements (contents undefined)."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+def padded_numel(place: Placement, world: int, block: int) -> int:
+    """Elements of the aligned buffer once padded to ``world`` whole-block chunks."""
+    return Layout(place.aligned, world, block).padded
+
+
 def reduce_flat(
     flat: torch.Tensor,
     group: dist.ProcessGroup | None,
@@ -265,51 +288,105 @@ def reduce_flat(
     place: Placement,
     average: bool = True,
     generator: torch.Generator | None = None,
-    residuals: list[torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> None:
     """The int8 all-reduce of the segments of the contiguous 1-D ``flat``, in place.
 
-    ``residuals`` (fp32, one contiguous tensor per segment of ``place``, or None) is error
-    feedback: added before the first quantization, then overwritten with its error (0 in
-    blocks that were not finite). Arguments are not validated here (the callers do)."""
+    ``residual`` (fp32, contiguous, :func:`padded_numel` elements laid out like the aligned
+    buffer: segment i at ``place.dst[i]``, zeros between) is error feedback: added before
+    the first quantization, then overwritten with its error (0 in blocks that were not
+    finite). Arguments are not validated here (the callers do)."""
     world = dist.get_world_size(group)
     if world == 1:
-        for r in residuals or ():
-            r.zero_()
+        if residual is not None:
+            residual.zero_()
         return
     lay = Layout(place.aligned, world, spec.block)
-    chunk = lay.chunk
+    chunk, padded = lay.chunk, lay.padded
+    dev = flat.device
+    sc = scratch if scratch is not None else Scratch()
     runs = place.runs
-    x = _lay_out([flat[s : s + n] for s, _, n in runs], [d for _, d, _ in runs], lay.padded, flat)
-    if residuals is not None:
-        r = _lay_out([t.view(-1) for t in residuals], list(place.dst), lay.padded, residuals[0])
-        x = torch.add(x, r)  # fp32 (promoted); a new tensor, never the bucket itself
-    # Chunks are whole blocks, so row r of the wire is exactly rank r's chunk.
-    wire = quantize_rows(x.view(world, chunk), spec, generator=generator)
-    if residuals is not None:
-        sent = dequantize_rows(*split_wire(wire, spec, chunk), spec, chunk, torch.float32)
-        err = torch.sub(x.view(world, chunk), sent, out=sent).view(-1)
-        _reset_non_finite_blocks(err, spec.block)
-        for t, d in zip(residuals, place.dst, strict=True):
-            t.view(-1).copy_(err[d : d + t.numel()])
-        del sent, err
-    del x
+    # One run from element 0 (a bucket whose parameters all hold whole blocks): the input
+    # rows are views of the tensor itself and the output is written straight into it.
+    n = runs[0][2] if len(runs) == 1 and runs[0][:2] == (0, 0) else -1
+    full = min(n // chunk, world) if n >= 0 else 0  # rows lying wholly inside the tensor
 
-    recv = torch.empty_like(wire)
+    if residual is not None:
+        x = sc.get("x", padded, torch.float32, dev)
+        if n >= 0:
+            torch.add(flat[:n], residual[:n], out=x[:n])
+            x[n:].zero_()  # the residual's padding is 0 (the error of padding is 0)
+        else:
+            lay_x = _lay_out(
+                [flat[s : s + k] for s, _, k in runs], [d for _, d, _ in runs], padded, flat
+            )
+            torch.add(lay_x, residual, out=x)
+        # Chunks are whole blocks, so row r of the wire is exactly rank r's chunk.
+        wire = quantize_rows(x.view(world, chunk), spec, generator=generator)
+        sent = residual.view(world, chunk)
+        dequantize_rows(*split_wire(wire, spec, chunk), spec, chunk, out=sent)
+        torch.sub(x.view(world, chunk), sent, out=sent)
+        # A CPU check of the block scales is cheap; on an accelerator it would sync.
+        wire_scales = split_wire(wire, spec, chunk)[1]
+        if dev.type != "cpu" or not bool(torch.isfinite(wire_scales).all()):
+            _reset_non_finite_blocks(residual)
+    elif n >= 0:
+        # Quantize the rows inside the tensor from views; only a partial last row is
+        # copied (and zero-padded), not the whole tensor.
+        wires = []
+        if full:
+            wires.append(
+                quantize_rows(flat[: full * chunk].view(full, chunk), spec, generator=generator)
+            )
+        if full < world:
+            tail = sc.get("tail", (world - full) * chunk, flat.dtype, dev)
+            k = n - full * chunk
+            tail[:k].copy_(flat[full * chunk : n])
+            tail[k:].zero_()
+            wires.append(quantize_rows(tail.view(world - full, chunk), spec, generator=generator))
+        wire = wires[0] if len(wires) == 1 else torch.cat(wires)
+    else:
+        lay_x = _lay_out(
+            [flat[s : s + k] for s, _, k in runs], [d for _, d, _ in runs], padded, flat
+        )
+        wire = quantize_rows(lay_x.view(world, chunk), spec, generator=generator)
+
+    rb = wire.shape[1]
+    recv = sc.get("recv", world * rb, torch.uint8, dev).view(world, rb)
     dist.all_to_all_single(recv, wire, group=group)
-    parts = dequantize_rows(*split_wire(recv, spec, chunk), spec, chunk, torch.float32)
-    del recv
-    if average:  # before the sum: W values near the fp32 maximum must not overflow
+    parts = sc.get("parts", padded, torch.float32, dev).view(world, chunk)
+    payload, scales = split_wire(recv, spec, chunk)
+    # Divide before the sum: W values near the fp32 maximum must not overflow. For a
+    # power-of-two W, dividing the block scales instead is the same in exact arithmetic
+    # and in fp32 (code x scale is exact, a division by 2^k too; only a scale in the
+    # subnormal range, a block whose absmax is below ~1e-36, can round differently), and
+    # it saves a pass over the dequantized parts.
+    exact = average and world & (world - 1) == 0
+    if exact:
+        scales.div_(world)
+    dequantize_rows(payload, scales, spec, chunk, out=parts)
+    if average and not exact:
         parts.div_(world)
-    reduced = parts.sum(dim=0, keepdim=True)  # fp32, fixed rank order
-    del parts
+    reduced = sc.get("reduced", chunk, torch.float32, dev).view(1, chunk)
+    torch.sum(parts, dim=0, keepdim=True, out=reduced)  # fp32, fixed order
     mine = quantize_rows(reduced, spec, generator=generator)
     gathered = wire  # the send wire is no longer needed: receive into it
     _all_gather(gathered, mine, group)
-    out = dequantize_rows(*split_wire(gathered, spec, chunk), spec, chunk, torch.float32)
-    out = out.view(-1)
-    for s, d, n in place.runs:  # elements outside the segments (bucket padding) unchanged
-        flat[s : s + n].copy_(out[d : d + n])
+    payload, scales = split_wire(gathered, spec, chunk)
+    if n >= 0 and flat.dtype == torch.float32:
+        if full:
+            out = flat[: full * chunk].view(full, chunk)
+            dequantize_rows(payload[:full], scales[:full], spec, chunk, out=out)
+        if full < world:
+            rest = parts[full:]  # free again: only the partial row's head is kept
+            dequantize_rows(payload[full:], scales[full:], spec, chunk, out=rest)
+            flat[full * chunk : n].copy_(rest.reshape(-1)[: n - full * chunk])
+        return
+    dequantize_rows(payload, scales, spec, chunk, out=parts)
+    out = parts.view(-1)
+    for s, d, k in runs:  # elements outside the segments (bucket padding) unchanged
+        flat[s : s + k].copy_(out[d : d + k])
 
 
 def int8_all_reduce(
@@ -359,10 +436,15 @@ def int8_all_reduce(
     res = None
     if residual is not None:
         rflat = residual.view(-1)
-        res = [rflat[o : o + n] for o, n in segs]
+        padded = padded_numel(place, dist.get_world_size(group), spec.block)
+        res = _lay_out([rflat[o : o + n] for o, n in segs], list(place.dst), padded, rflat)
     reduce_flat(
-        flat, group, spec=spec, place=place, average=average, generator=generator, residuals=res
+        flat, group, spec=spec, place=place, average=average, generator=generator, residual=res
     )
+    if res is not None and res.data_ptr() != residual.data_ptr():  # else updated in place
+        rflat = residual.view(-1)
+        for (o, n), d in zip(segs, place.dst, strict=True):
+            rflat[o : o + n].copy_(res[d : d + n])
     if flat.data_ptr() != tensor.data_ptr() or not tensor.is_contiguous():
         tensor.copy_(flat.view(tensor.shape))
     return tensor

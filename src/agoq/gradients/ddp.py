@@ -35,10 +35,12 @@ from ._common import check_state, global_rank, unwrap
 from ._compat import group_timeout, queue_backward_callback
 from .allreduce import (
     DEFAULT_SPEC,
+    Scratch,
     check_fields,
     check_grad_dtype,
     gather_fields,
     int8_all_reduce_functional,
+    padded_numel,
     placement,
     reduce_flat,
     relative_rms,
@@ -264,6 +266,11 @@ class Int8AllReduceState:
         self._finalizer: weakref.finalize | None = None
         self._streams: dict[torch.device, Any] = {}
         self._errors: list[BaseException] = []  # this backward's, raised at its end
+        self._scratch = Scratch()
+        # Per bucket index: (parameter names, the flat residual laid out like the bucket's
+        # aligned buffer). ``residuals[name]`` are views into it, so error feedback reads and
+        # writes it in place, with no gather or scatter per step.
+        self._flat_res: dict[int, tuple[tuple[str, ...], torch.Tensor]] = {}
         self._broken: BaseException | None = None
         self._armed = False
         self.calls = 0
@@ -355,6 +362,27 @@ class Int8AllReduceState:
                 )
             out.append(self.residuals[key])
         return out
+
+    def _bucket_residual(self, job: _Job, world: int) -> torch.Tensor:
+        """The bucket's flat residual (see ``_flat_res``), re-laid out when DDP's bucket
+        changed (it rebuilds its buckets after the first step)."""
+        params = self._residuals_of(job)  # validates the names
+        keys = tuple(self._names[id(p)] for p in job.params)
+        place = placement(job.segments, self.spec.block)
+        padded = padded_numel(place, world, self.spec.block)
+        hit = self._flat_res.get(job.index)
+        if hit is not None and hit[0] == keys and hit[1].numel() == padded:
+            flat = hit[1]
+            base, size = flat.data_ptr(), flat.element_size()
+            if all(r.data_ptr() == base + d * size for r, d in zip(params, place.dst, strict=True)):
+                return flat
+        flat = torch.zeros(padded, dtype=torch.float32, device=job.buf.device)
+        for key, r, d in zip(keys, params, place.dst, strict=True):
+            view = flat[d : d + r.numel()]
+            view.copy_(r.reshape(-1))
+            self.residuals[key] = view.view(r.shape)
+        self._flat_res[job.index] = (keys, flat)
+        return flat
 
     # ------------------------------------------------------------ the worker
 
@@ -470,7 +498,7 @@ class Int8AllReduceState:
             _full_precision(buf, group, world)
             stage["in_collective"] = False
             return
-        residuals = self._residuals_of(job) if self.error_feedback else None
+        residual = self._bucket_residual(job, world) if self.error_feedback else None
         # One bucket per check step, round-robin over the buckets seen so far: every rank
         # has the same counters, so every rank checks the same bucket.
         check = (
@@ -490,7 +518,8 @@ class Int8AllReduceState:
             spec=self.spec,
             place=placement(job.segments, self.spec.block),
             generator=self.generator(buf.device),
-            residuals=residuals,
+            residual=residual,
+            scratch=self._scratch,
         )
         stage["in_collective"] = False
         if ref is not None:
@@ -605,6 +634,7 @@ class Int8AllReduceState:
         d["_generator"] = None
         # Threads, streams and groups do not pickle either; a copy starts its own.
         d.update(_comm=None, _worker=None, _finalizer=None, _streams={}, _errors=[])
+        d.update(_scratch=Scratch(), _flat_res={})
         d.update(_broken=None, _armed=False)
         return d
 
