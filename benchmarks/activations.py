@@ -1,25 +1,28 @@
-"""Saved-activation memory, step time and gradient fidelity of the activation plans.
+"""Saved-activation memory and gradient fidelity of the activation plans.
 
     python benchmarks/activations.py [--no-write] [--quick]
 
-On the reference LLaMA (MHA, SwiGLU hidden = 4 x dim as in the paper's Table 1, bf16):
+On the reference LLaMA (MHA, SwiGLU hidden = 4 x dim as in the paper's Table 1):
 
-1. Stored bytes per layer in U (U = batch x seq x dim x 2 bytes) for the baseline (no agoq:
-   an independent pass-through hook counts what autograd keeps), uniform int8, uniform
-   4-bit, the paper's plan without and with recompute, and with 8-bit attention internals;
-   cross-checked with torch's MemTracker (activation bytes held after the forward).
-2. Step time (forward + backward) of each plan as a ratio to the baseline, same run.
-3. Gradient fidelity (the paper's Table 13): after training the model briefly on real text
-   (stdlib docstrings), the normalised L2 error of each weight gradient vs unquantized.
-4. Per-stage peak stored bytes for 4-stage 1F1B and Interleaved1F1B, with and without
+1. Stored bytes per layer in U (U = batch x seq x dim x 2 bytes, bf16 model) for the
+   baseline (no agoq: an independent pass-through hook counts what autograd keeps), uniform
+   int8, uniform 4-bit, the paper's plan without and with recompute, and with 8-bit
+   attention internals; cross-checked with torch's MemTracker (activation bytes held after
+   the forward); and what compiled blocks hold (partitioned as inductor does).
+2. Gradient fidelity (the paper's Table 13): after training an fp32 copy briefly on real
+   text (stdlib docstrings), the normalised L2 error of each weight gradient vs unquantized.
+3. Per-stage peak stored bytes for 4-stage 1F1B and Interleaved1F1B, with and without
    stage-aware bits, from the measured per-layer bytes at each bit width.
+
+Step times live in ``activation_width.py`` (overhead against width, eager and compiled)
+and ``alternatives.py`` (against checkpointing, inductor's fp8 pass, save_on_cpu): on this
+CPU bf16 GEMMs run at 0.3 GFLOP/s, so a bf16 step time here would time the GEMM fallback.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -107,31 +110,17 @@ def baseline_layer_bytes(model, batch) -> list[int]:
     return [ctx.report.total(f"layers.{i}.").stored_bytes for i in range(CFG.n_layers)]
 
 
-def step_seconds(model, batch, plan, reps: int) -> float:
-    """Median seconds of forward + backward."""
-    times = []
-    for i in range(reps + 1):
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        if plan is None:
-            loss_fn(model, batch).backward()
-        else:
-            with quantize_activations(plan):
-                loss = loss_fn(model, batch)
-            loss.backward()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def compiled_model(seed_model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``seed_model`` with each transformer block compiled (inductor, fullgraph),
-    the way torchtitan compiles; agoq's hooks are inlined into each block's graphs."""
+    """A copy of ``seed_model`` with each transformer block compiled (fullgraph), the way
+    torchtitan compiles; agoq's hooks are inlined into each block's graphs. The backend is
+    ``aot_eager_decomp_partition``: inductor's decompositions and min-cut partitioner, which
+    decide what is saved for backward, without inductor's code generation (which would cost
+    tens of seconds per plan and changes no saved tensor)."""
     import copy
 
     model = copy.deepcopy(seed_model)
     for layer in model.layers.values():
-        layer.compile(backend="inductor", fullgraph=True)
+        layer.compile(backend="aot_eager_decomp_partition", fullgraph=True)
     return model
 
 
@@ -186,16 +175,15 @@ def group(name: str) -> str:
 def main() -> None:
     """Run all four measurements and write the activations section."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=200)
-    ap.add_argument("--quick", action="store_true", help="fewer steps/reps (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="fewer training steps (smoke run)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.train_steps = 2, 20
-    torch.set_num_threads(2)
+        args.train_steps = 10
+    torch.set_num_threads(1)  # on a shared 2-core machine, 2 threads time the neighbours
 
     U = args.batch * args.seq * CFG.dim * 2
     torch.manual_seed(0)
@@ -203,7 +191,7 @@ def main() -> None:
     batch = sample(text_tokens(), args.batch, args.seq, torch.Generator().manual_seed(0))
     out_bytes = args.batch * args.seq * CFG.vocab_size * 2  # logits, alive after forward
 
-    rows, times, ctimes = [], {}, {}
+    rows = []
     base_layers = baseline_layer_bytes(model, batch)
     torch._dynamo.config.recompile_limit = 64  # one compile per distinct plan
     cmodel = compiled_model(model)
@@ -211,9 +199,7 @@ def main() -> None:
         fb = forward_bytes(model, batch, plan)
         layers = fb["layers"] or base_layers
         per_layer_u = statistics.mean(layers) / U
-        times[label] = step_seconds(model, batch, plan, args.reps)
-        compiled_u = compiled_layer_bytes(cmodel, batch, plan) / U  # also warms the compile
-        ctimes[label] = step_seconds(cmodel, batch, plan, args.reps)
+        compiled_u = compiled_layer_bytes(cmodel, batch, plan) / U
         rows.append(
             [
                 label,
@@ -224,13 +210,9 @@ def main() -> None:
             ]
         )
         print(rows[-1], flush=True)
-    t0, c0 = times["baseline (no agoq)"], ctimes["baseline (no agoq)"]
-    for r in rows:
-        r.append(f"{times[r[0]] * 1e3:.0f} ms ({times[r[0]] / t0:.2f}x)")
-        r.append(f"{ctimes[r[0]] * 1e3:.0f} ms (**{ctimes[r[0]] / c0:.2f}x**)")
 
     # Gradient fidelity on real text.
-    fmodel, held = train_briefly(args.train_steps, 8, 128)
+    fmodel, held = train_briefly(args.train_steps, 4, 128)
     fid_rows, summary = [], []
     base = ActivationPlan.agoq()
     fid_plans = {
@@ -292,11 +274,13 @@ def main() -> None:
         f"Model: reference LLaMA, dim {CFG.dim}, {CFG.n_layers} layers, {CFG.n_heads} heads (MHA), "
         f"SwiGLU hidden {CFG.hidden_dim} (4 x dim, the paper's Table 1 assumption), bf16; batch "
         f"{args.batch} x seq {args.seq} of stdlib-docstring text; U = {U / 2**20:.2f} MiB. "
-        "Eager, and with each block `torch.compile`d (inductor, fullgraph, the context entered "
-        "outside: agoq's hooks are inlined into the block graphs; compiled bytes are what the "
-        "compiled blocks hold for backward, read from their autograd nodes). Step = forward + "
-        "backward, median, ratio to the baseline of the same mode.\n",
-        "**Stored activations and step time** (per-layer = mean over the 4 transformer layers; "
+        "Eager, and with each block `torch.compile`d (fullgraph, the context entered outside: "
+        "agoq's hooks are inlined into the block graphs; backend `aot_eager_decomp_partition`, "
+        "i.e. inductor's decompositions and min-cut partitioner, which decide what is saved, "
+        "without its code generation; compiled bytes are what the compiled blocks hold for "
+        "backward, read from their autograd nodes). Step times: see the activation-width and "
+        "alternatives sections (fp32: this CPU's bf16 GEMMs run at 0.3 GFLOP/s).\n",
+        "**Stored activations** (per-layer = mean over the 4 transformer layers; "
         "total includes the embedding, final norm, LM head and the loss's saved logits; tracker = "
         "MemTracker's activation bytes after the eager forward minus the logits output; under "
         "compile the partitioner chooses what to save and recomputes cheap ops itself, and "
@@ -308,15 +292,13 @@ def main() -> None:
                 "total MiB (exact)",
                 "MemTracker MiB",
                 "per layer, compiled",
-                "step, eager",
-                "step, compiled",
             ],
             rows,
         ),
         "\nPaper's Table 1: 28U (Megatron bf16) -> 7.75U (AGoQ). Goal here: <= 7.75U with the paper "
         "plan + recompute, <= 6.5U with 8-bit attention internals.\n",
         f"**Gradient fidelity** (normalised L2 error ||g_q - g|| / ||g|| of weight gradients, fp32 "
-        f"model trained {args.train_steps} steps on the corpus, held-out batch 8 x 128; mean over "
+        f"model trained {args.train_steps} steps (batch 4 x 128) on the corpus, held-out batch 8 x 128; mean over "
         "layers). Goal <= 0.05 for the paper plan (its Table 13: 0.026 for GEMM weights):\n",
         table(["weight", *fid_plans], fid_rows),
         "\nGEMM weights of the transformer layers: " + "; ".join(summary) + ".\n",

@@ -1,13 +1,14 @@
 """The hooks: the saved-tensor pair (eager and compiled) and the module hooks.
 
-The pair is built as ``torch.fx.GraphModule``s so torch.compile inlines it. Autograd calls a hook pair that is a GraphModule like any callable, so in eager mode the
-wrapped leaf functions below run plain Python: they hand the tensor to the innermost active
-:class:`~agoq.activations.context.ActivationContext`. When AOTAutograd compiles a region
-while the context is active, it *inlines* GraphModule hooks into the compiled forward and
-backward (torch >= 2.13): it calls the leaves at trace time, once per saved graph node, with
+The pair is built as ``torch.fx.GraphModule``s so torch.compile inlines it. In eager mode
+autograd calls the pair like any callable; their ``__call__`` goes straight to the innermost
+active :class:`~agoq.activations.context.ActivationContext` (no GraphModule wrappers: this
+runs once per saved tensor). When AOTAutograd compiles a region while the context is
+active, it *inlines* GraphModule hooks into the compiled forward and backward (torch >=
+2.13): it calls the leaves at trace time, once per saved graph node, with
 ``_get_saved_tensor_hook_context()`` describing the node. The leaves then return only tensors
-and constants built from traceable codec ops, so quantization is fused into the graph and no
-Python runs per step.
+and constants built with the codec op (``torch.ops.agoq.quantize_blockwise``, whose fake
+kernel traces and whose fused kernel runs in the compiled graph), and no Python runs per step.
 
 Under compile the saving module is known from dynamo's ``nn_module_stack`` of the node that
 produced the saved value, and attention is recognised by the node's source or by its use in
@@ -242,7 +243,7 @@ def agoq_pack(x: torch.Tensor, key: str) -> Any:
     spec = compiled_spec(x, aot.get("_node"), aot.get("_bw_graph"), _PLANS[key], shapes)
     if spec is None:
         return x
-    p = quantize(x, spec, backend="torch")
+    p = quantize(x, spec)
     # Only tensors and plain constants may leave a compiled hook (a dataclass breaks AOT).
     fields = (spec.bits, spec.format, spec.block, spec.rounding, spec.scale_dtype)
     return (p.payload, p.scales, fields, tuple(p.shape), tuple(p.stride), p.dtype, p.memory_order)
@@ -264,7 +265,7 @@ def agoq_unpack(obj: Any) -> torch.Tensor:
             dtype,
             memory_order,
         )
-        return dequantize(p, backend="torch")
+        return dequantize(p)
     return obj.get()
 
 
