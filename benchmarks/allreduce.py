@@ -1,7 +1,8 @@
 """8-bit gradients: the int8 all-reduce vs fp32/bf16 all_reduce, and Int8GradStore vs
 fp32/bf16 accumulation between micro-batches.
 
-    python benchmarks/allreduce.py [--worlds 2 4] [--sizes-mb 1 16 64] [--reps 5] [--no-write]
+    python benchmarks/allreduce.py [--worlds 2 4] [--sizes-mb 1 16 64] [--reps 5]
+                                   [--links none 1gbit] [--no-write]
 
 1. Collective (gloo ranks on 127.0.0.1, one torch thread each), per gradient size in MB of
    fp32: bytes each rank sends, counted exactly (``wire_bytes``: int8 payload + fp32 block
@@ -12,6 +13,9 @@ fp32/bf16 accumulation between micro-batches.
    interleaved in the same run (each rep starts at a barrier; a rep's time is the slowest
    rank's; median of the reps); relative RMS error of the averaged result against the exact
    fp64 average. Rank r's gradient is (shared + own_r) / sqrt(2), both standard Gaussian.
+   Then the all-reduce alone on each of ``--links`` (64 MB, 2 ranks): the plain loopback
+   and, re-running this script under ``../shared/tools/shaped-net --rate R``, a loopback
+   limited to R (both ranks' traffic shares it). Goal at 1 Gbit/s: int8 <= 0.35x fp32.
 2. Storage between micro-batches (one process) on the small reference LLaMA, trained briefly
    on real text (stdlib docstrings), fed the same micro-batch gradients: bytes held between
    micro-batches by ``Int8GradStore`` (each compensation mode) vs fp32 and bf16 ``p.grad``
@@ -22,13 +26,16 @@ fp32/bf16 accumulation between micro-batches.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _shaped import link_name, run_shaped
 
 from _report import machine, median_seconds, table, today, write_section
 from agoq import QuantSpec
@@ -37,6 +44,7 @@ from agoq.gradients.storage import Int8GradStore
 from agoq.spawn import run_ranks
 
 WIRE_GOAL_FP32, WIRE_GOAL_BF16, RMS_GOAL = 0.26, 0.51, 0.01
+LINK_GOAL = 0.35  # int8 / fp32 all-reduce time at 1 Gbit/s
 KS = (1, 4, 16, 64)
 
 
@@ -167,6 +175,49 @@ def collective_rows(args: argparse.Namespace) -> tuple[list[list], list[str]]:
                 )
                 print(lines[-1], flush=True)
         print(f"  (world {world}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    return rows, lines
+
+
+def link_times(mb: float, reps: int) -> dict[str, float]:
+    """Slowest-rank median seconds of fp32 / bf16 / int8 (default spec) all-reduce of ``mb``
+    MB on 2 ranks, on whatever network this process has."""
+    numel = int(mb * 2**20) // 4
+    res = run_collectives(2, [numel], {"int8": DEFAULT_SPEC}, reps)[0]
+    return res["time"]
+
+
+def link_rows(args: argparse.Namespace) -> tuple[list[list], list[str]]:
+    """The all-reduce alone on each link: table rows and printed lines."""
+    rows, lines = [], []
+    for link in args.links:
+        if link == "none":
+            t: dict | str = link_times(args.link_mb, args.reps)
+        else:
+            extra = ["--link-mb", str(args.link_mb), "--reps", str(args.reps)]
+            t = run_shaped(link, Path(__file__).resolve(), extra)
+        if isinstance(t, str):
+            rows.append([link_name(link), t, "", "", "", ""])
+            lines.append(f"{link}: {t}")
+            print(lines[-1], flush=True)
+            continue
+        r16, r8 = t["bf16"] / t["fp32"], t["int8"] / t["fp32"]
+        goal = LINK_GOAL if link == "1gbit" else None
+        met = "-" if goal is None else ("yes" if r8 <= goal else f"**no** ({r8:.2f}x)")
+        rows.append(
+            [
+                link_name(link),
+                f"{1e3 * t['fp32']:.0f}",
+                f"{1e3 * t['bf16']:.0f} ({r16:.2f}x)",
+                f"{1e3 * t['int8']:.0f} (**{r8:.2f}x**)",
+                "-" if goal is None else f"<= {goal}x",
+                met,
+            ]
+        )
+        lines.append(
+            f"{link} {args.link_mb:g} MB W=2: fp32 {1e3 * t['fp32']:.0f} ms, bf16 "
+            f"{1e3 * t['bf16']:.0f} ms ({r16:.2f}x), int8 {1e3 * t['int8']:.0f} ms ({r8:.2f}x)"
+        )
+        print(lines[-1], flush=True)
     return rows, lines
 
 
@@ -307,12 +358,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences per micro-batch")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--links", nargs="+", default=["none", "1gbit"])
+    ap.add_argument("--link-mb", type=float, default=64.0)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
+    ap.add_argument("--child-json", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.child_json:  # this run is the one under shaped-net: measure, hand back JSON
+        Path(args.child_json).write_text(json.dumps(link_times(args.link_mb, args.reps)))
+        return
     start = time.perf_counter()
 
     coll_rows, _ = collective_rows(args)
+    lrows, _ = link_rows(args)
     mem_rows, err_rows, n, _ = storage_rows(args)
 
     cmd = "python benchmarks/allreduce.py"
@@ -344,6 +402,13 @@ def main() -> None:
             coll_rows,
         )
         + "\n",
+        f"**All-reduce alone on a link** ({args.link_mb:g} MB of fp32 gradients, 2 ranks; "
+        "times as above, ms; loopback = unshaped 127.0.0.1, the others under "
+        "`../shared/tools/shaped-net --rate R`, which limits the loopback that both ranks' "
+        f"traffic shares). Goal at 1 Gbit/s: int8 <= {LINK_GOAL}x fp32. On the plain "
+        "loopback the link is not the bottleneck and the codec's passes over memory cost "
+        "more than the bytes they save.\n",
+        table(["link", "fp32 ms", "bf16 ms", "int8 ms", "goal", "met"], lrows) + "\n",
         f"**Gradient memory between micro-batches** (small reference LLaMA, {n:,} parameters, "
         f"fp32 gradients; micro-batch {args.batch} x {args.seq} tokens of stdlib docstrings, "
         f"after {args.train_steps} AdamW steps). `Int8GradStore.nbytes` after the "

@@ -88,7 +88,26 @@ def _collective_rank(rank, world, numel, dtype_name, seed):
     everyone = [_rank_tensor(r, numel, dtype, seed) for r in range(world)]
     if seed == 99:
         everyone[-1] = _nan_tensor(world - 1, numel, dtype, seed)
-    return got, reference_all_reduce(everyone)
+    pieces = None
+    if numel >= 10_000:
+        # The collective is pipelined in pieces (8 MB by default): pieces of 2 blocks per
+        # rank must give the same bits, with and without error feedback (the residual too).
+        import agoq.gradients.allreduce as ar
+
+        res = [torch.randn(numel, generator=torch.Generator().manual_seed(rank)) for _ in "ab"]
+        one = int8_all_reduce(mine.clone(), dist.group.WORLD, residual=res[0])
+        default = ar.PIECE_ELEMS
+        ar.PIECE_ELEMS = 2 * ar.DEFAULT_SPEC.block * world
+        try:
+            small = int8_all_reduce(mine.clone(), dist.group.WORLD)
+            small_ef = int8_all_reduce(mine.clone(), dist.group.WORLD, residual=res[1])
+        finally:
+            ar.PIECE_ELEMS = default
+        pieces = (
+            torch.equal(small, got),
+            torch.equal(small_ef, one) and torch.equal(res[0], res[1]),
+        )
+    return got, reference_all_reduce(everyone), pieces
 
 
 def _nan_tensor(rank, numel, dtype, seed):
@@ -109,7 +128,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def test_collective_equals_reference_and_is_identical_on_all_ranks(world, numel, dtype):
     results = run_ranks(_collective_rank, world, numel, dtype, 1, timeout=90)
     first = results[0][0]
-    for got, ref in results:
+    for got, ref, pieces in results:
+        assert pieces in (None, (True, True)), pieces
         assert got.dtype == getattr(torch, dtype)
         assert torch.equal(got, ref), "must equal dequantize-each -> fp32 sum -> quantize once"
         assert torch.equal(_bits(got), _bits(first))
@@ -117,7 +137,7 @@ def test_collective_equals_reference_and_is_identical_on_all_ranks(world, numel,
 
 def test_nan_on_one_rank_reaches_every_rank():
     results = run_ranks(_collective_rank, 2, 4096, "float32", 99, timeout=90)
-    for got, _ in results:
+    for got, _, _ in results:
         assert torch.isnan(got[4096 // 2])
         b = DEFAULT_SPEC.block
         start = (4096 // 2) // b * b

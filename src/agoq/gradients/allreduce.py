@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -164,10 +165,12 @@ def reference_all_reduce(
     return torch.cat(out)[: lay.numel].view(tensors[0].shape).to(tensors[0].dtype)
 
 
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+def _all_gather(
+    out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool = False
+) -> dist.Work | None:
     # all_gather_into_tensor is deprecated in favour of all_gather_single in recent torch.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, inp, group=group)
+    return gather(out, inp, group=group, async_op=async_op)
 
 
 def gather_fields(
@@ -275,9 +278,42 @@ class Scratch:
         return buf[:numel]
 
 
+_THREAD = threading.local()
+
+
+def _thread_scratch(device: torch.device) -> Scratch | None:
+    """The calling thread's work buffers for CPU tensors (None on accelerators, whose
+    caching allocators already reuse memory). On CPU a fresh bucket-sized tensor is a
+    fresh mmap that is page-faulted in on first touch: that cost more than the codec."""
+    if device.type != "cpu":
+        return None
+    sc = getattr(_THREAD, "scratch", None)
+    if sc is None:
+        sc = _THREAD.scratch = Scratch()
+    return sc
+
+
 def padded_numel(place: Placement, world: int, block: int) -> int:
     """Elements of the aligned buffer once padded to ``world`` whole-block chunks."""
     return Layout(place.aligned, world, block).padded
+
+
+#: Elements per pipeline piece of the collective (8 MB of fp32): the codec work of one
+#: piece overlaps the all-to-all / all-gather of the others.
+PIECE_ELEMS = 1 << 21
+
+
+def _pieces(padded: int, world: int, block: int) -> list[tuple[int, int]]:
+    """(start, per-rank chunk) of each pipeline piece of the padded buffer: W whole-block
+    chunks each. The block grid is the buffer's own, so the pieces change no value (blocks
+    are quantized independently) and no byte on the wire (rows are linear in their size)."""
+    cp_full = max(1, PIECE_ELEMS // (world * block)) * block
+    out, start = [], 0
+    while start < padded:
+        cp = min(cp_full, (padded - start) // world)
+        out.append((start, cp))
+        start += world * cp
+    return out
 
 
 def reduce_flat(
@@ -296,97 +332,123 @@ def reduce_flat(
     ``residual`` (fp32, contiguous, :func:`padded_numel` elements laid out like the aligned
     buffer: segment i at ``place.dst[i]``, zeros between) is error feedback: added before
     the first quantization, then overwritten with its error (0 in blocks that were not
-    finite). Arguments are not validated here (the callers do)."""
+    finite). Arguments are not validated here (the callers do).
+
+    Pipelined in pieces (:func:`_pieces`): quantize every piece and issue its all-to-all
+    (async), then per piece in order wait, reduce, requantize and issue its all-gather,
+    then wait and write back. Every rank issues the same collectives in the same order."""
     world = dist.get_world_size(group)
     if world == 1:
         if residual is not None:
             residual.zero_()
         return
-    lay = Layout(place.aligned, world, spec.block)
-    chunk, padded = lay.chunk, lay.padded
+    B = spec.block
+    padded = Layout(place.aligned, world, B).padded
     dev = flat.device
     sc = scratch if scratch is not None else Scratch()
     runs = place.runs
     # One run from element 0 (a bucket whose parameters all hold whole blocks): the input
     # rows are views of the tensor itself and the output is written straight into it.
     n = runs[0][2] if len(runs) == 1 and runs[0][:2] == (0, 0) else -1
-    full = min(n // chunk, world) if n >= 0 else 0  # rows lying wholly inside the tensor
+    pieces = _pieces(padded, world, B)
 
+    src: torch.Tensor | None = None  # the aligned, padded input (None: views of flat)
     if residual is not None:
-        x = sc.get("x", padded, torch.float32, dev)
+        src = sc.get("x", padded, torch.float32, dev)
         if n >= 0:
-            torch.add(flat[:n], residual[:n], out=x[:n])
-            x[n:].zero_()  # the residual's padding is 0 (the error of padding is 0)
+            torch.add(flat[:n], residual[:n], out=src[:n])
+            src[n:].zero_()  # the residual's padding is 0 (the error of padding is 0)
         else:
             lay_x = _lay_out(
                 [flat[s : s + k] for s, _, k in runs], [d for _, d, _ in runs], padded, flat
             )
-            torch.add(lay_x, residual, out=x)
-        # Chunks are whole blocks, so row r of the wire is exactly rank r's chunk.
-        wire = quantize_rows(x.view(world, chunk), spec, generator=generator)
-        sent = residual.view(world, chunk)
-        dequantize_rows(*split_wire(wire, spec, chunk), spec, chunk, out=sent)
-        torch.sub(x.view(world, chunk), sent, out=sent)
-        # A CPU check of the block scales is cheap; on an accelerator it would sync.
-        wire_scales = split_wire(wire, spec, chunk)[1]
-        if dev.type != "cpu" or not bool(torch.isfinite(wire_scales).all()):
-            _reset_non_finite_blocks(residual)
-    elif n >= 0:
-        # Quantize the rows inside the tensor from views; only a partial last row is
-        # copied (and zero-padded), not the whole tensor.
-        wires = []
-        if full:
-            wires.append(
-                quantize_rows(flat[: full * chunk].view(full, chunk), spec, generator=generator)
-            )
-        if full < world:
-            tail = sc.get("tail", (world - full) * chunk, flat.dtype, dev)
-            k = n - full * chunk
-            tail[:k].copy_(flat[full * chunk : n])
-            tail[k:].zero_()
-            wires.append(quantize_rows(tail.view(world - full, chunk), spec, generator=generator))
-        wire = wires[0] if len(wires) == 1 else torch.cat(wires)
-    else:
-        lay_x = _lay_out(
-            [flat[s : s + k] for s, _, k in runs], [d for _, d, _ in runs], padded, flat
-        )
-        wire = quantize_rows(lay_x.view(world, chunk), spec, generator=generator)
+            torch.add(lay_x, residual, out=src)
+    elif n < 0:
+        src = _lay_out([flat[s : s + k] for s, _, k in runs], [d for _, d, _ in runs], padded, flat)
 
-    rb = wire.shape[1]
-    recv = sc.get("recv", world * rb, torch.uint8, dev).view(world, rb)
-    dist.all_to_all_single(recv, wire, group=group)
-    parts = sc.get("parts", padded, torch.float32, dev).view(world, chunk)
-    payload, scales = split_wire(recv, spec, chunk)
+    def rows_in(start: int, cp: int) -> torch.Tensor:
+        stop = start + world * cp
+        if src is not None:
+            return src[start:stop].view(world, cp)
+        if stop <= n:
+            return flat[start:stop].view(world, cp)
+        # The piece holding the tensor's end: only it is copied, and zero-padded.
+        tail = sc.get("tail", world * cp, flat.dtype, dev)
+        k = n - start
+        tail[:k].copy_(flat[start:n])
+        tail[k:].zero_()
+        return tail.view(world, cp)
+
+    # 1. Quantize each piece (chunks are whole blocks: row r is rank r's chunk) and send.
+    rb = [row_layout(spec, cp).row_bytes for _, cp in pieces]
+    recv_all = sc.get("recv", world * sum(rb), torch.uint8, dev)
+    wires, recvs, sends = [], [], []
+    pos = 0
+    finite = True
+    for (start, cp), b in zip(pieces, rb, strict=True):
+        x = rows_in(start, cp)
+        wire = quantize_rows(x, spec, generator=generator)
+        if residual is not None:
+            sent = residual[start : start + world * cp].view(world, cp)
+            w_payload, w_scales = split_wire(wire, spec, cp)
+            dequantize_rows(w_payload, w_scales, spec, cp, out=sent)
+            torch.sub(x, sent, out=sent)
+            # A CPU check of the block scales is cheap; on an accelerator it would sync.
+            finite = finite and dev.type == "cpu" and bool(torch.isfinite(w_scales).all())
+        recv = recv_all[pos : pos + world * b].view(world, b)
+        pos += world * b
+        sends.append(dist.all_to_all_single(recv, wire, group=group, async_op=True))
+        wires.append(wire)
+        recvs.append(recv)
+    if residual is not None and not finite:
+        _reset_non_finite_blocks(residual)
+
+    # 2. Per piece: the W received chunks -> divide -> fp32 sum -> quantize -> gather.
+    gathers, mines = [], []
+    cp_max = max(cp for _, cp in pieces)
+    parts_buf = sc.get("parts", world * cp_max, torch.float32, dev)
+    reduced_buf = sc.get("reduced", cp_max, torch.float32, dev)
     # Divide before the sum: W values near the fp32 maximum must not overflow. For a
     # power-of-two W, dividing the block scales instead is the same in exact arithmetic
     # and in fp32 (code x scale is exact, a division by 2^k too; only a scale in the
     # subnormal range, a block whose absmax is below ~1e-36, can round differently), and
     # it saves a pass over the dequantized parts.
     exact = average and world & (world - 1) == 0
-    if exact:
-        scales.div_(world)
-    dequantize_rows(payload, scales, spec, chunk, out=parts)
-    if average and not exact:
-        parts.div_(world)
-    reduced = sc.get("reduced", chunk, torch.float32, dev).view(1, chunk)
-    torch.sum(parts, dim=0, keepdim=True, out=reduced)  # fp32, fixed order
-    mine = quantize_rows(reduced, spec, generator=generator)
-    gathered = wire  # the send wire is no longer needed: receive into it
-    _all_gather(gathered, mine, group)
-    payload, scales = split_wire(gathered, spec, chunk)
-    if n >= 0 and flat.dtype == torch.float32:
-        if full:
-            out = flat[: full * chunk].view(full, chunk)
-            dequantize_rows(payload[:full], scales[:full], spec, chunk, out=out)
-        if full < world:
-            rest = parts[full:]  # free again: only the partial row's head is kept
-            dequantize_rows(payload[full:], scales[full:], spec, chunk, out=rest)
-            flat[full * chunk : n].copy_(rest.reshape(-1)[: n - full * chunk])
-        return
-    dequantize_rows(payload, scales, spec, chunk, out=parts)
-    out = parts.view(-1)
-    for s, d, k in runs:  # elements outside the segments (bucket padding) unchanged
-        flat[s : s + k].copy_(out[d : d + k])
+    for (_, cp), recv, wire, work in zip(pieces, recvs, wires, sends, strict=True):
+        work.wait()
+        payload, scales = split_wire(recv, spec, cp)
+        if exact:
+            scales.div_(world)
+        parts = parts_buf[: world * cp].view(world, cp)
+        dequantize_rows(payload, scales, spec, cp, out=parts)
+        if average and not exact:
+            parts.div_(world)
+        reduced = reduced_buf[:cp].view(1, cp)
+        torch.sum(parts, dim=0, keepdim=True, out=reduced)  # fp32, fixed order
+        mine = quantize_rows(reduced, spec, generator=generator)
+        # The sent wire is no longer needed: gather into it.
+        gathers.append(_all_gather(wire, mine, group, async_op=True))
+        mines.append(mine)
+
+    # 3. Dequantize the gathered pieces into the tensor.
+    out_all = sc.get("x", padded, torch.float32, dev) if n < 0 else None
+    for (start, cp), wire, work in zip(pieces, wires, gathers, strict=True):
+        work.wait()
+        payload, scales = split_wire(wire, spec, cp)
+        stop = start + world * cp
+        if out_all is not None:
+            dequantize_rows(payload, scales, spec, cp, out=out_all[start:stop].view(world, cp))
+        elif stop <= n and flat.dtype == torch.float32:
+            dequantize_rows(payload, scales, spec, cp, out=flat[start:stop].view(world, cp))
+        else:
+            tmp = parts_buf[: world * cp].view(world, cp)
+            dequantize_rows(payload, scales, spec, cp, out=tmp)
+            k = min(stop, n) - start
+            flat[start : start + k].copy_(tmp.view(-1)[:k])
+    del mines
+    if out_all is not None:
+        for s, d, k in runs:  # elements outside the segments (bucket padding) unchanged
+            flat[s : s + k].copy_(out_all[d : d + k])
 
 
 def int8_all_reduce(
@@ -407,7 +469,9 @@ def int8_all_reduce(
     added to the tensor before the first quantization and overwritten with that
     quantization's error (reset to 0 in blocks that were not finite). ``segments``
     ((offset, numel) per parameter, sorted, disjoint) puts each segment on its own blocks,
-    so parameters with small gradients keep their precision. float64 raises TypeError.
+    so parameters with small gradients keep their precision. float64 raises TypeError. On
+    CPU the calling thread keeps its work buffers (about 1.3x the largest tensor's bytes)
+    for the next call.
     """
     _check(spec)
     if not isinstance(tensor, torch.Tensor):
@@ -439,7 +503,14 @@ def int8_all_reduce(
         padded = padded_numel(place, dist.get_world_size(group), spec.block)
         res = _lay_out([rflat[o : o + n] for o, n in segs], list(place.dst), padded, rflat)
     reduce_flat(
-        flat, group, spec=spec, place=place, average=average, generator=generator, residual=res
+        flat,
+        group,
+        spec=spec,
+        place=place,
+        average=average,
+        generator=generator,
+        residual=res,
+        scratch=_thread_scratch(flat.device),
     )
     if res is not None and res.data_ptr() != residual.data_ptr():  # else updated in place
         rflat = residual.view(-1)
