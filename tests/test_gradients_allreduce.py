@@ -90,7 +90,7 @@ def _collective_rank(rank, world, numel, dtype_name, seed):
         everyone[-1] = _nan_tensor(world - 1, numel, dtype, seed)
     pieces = None
     if numel >= 10_000:
-        # The collective is pipelined in pieces (8 MB by default): pieces of 2 blocks per
+        # The collective is pipelined in pieces (2 MB by default): pieces of 2 blocks per
         # rank must give the same bits, with and without error feedback (the residual too).
         import agoq.gradients.allreduce as ar
 
