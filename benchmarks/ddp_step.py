@@ -2,7 +2,7 @@
 hook vs agoq's int8 hook (with and without error feedback), on three links.
 
     python benchmarks/ddp_step.py [--models mlp base] [--links none 1gbit 10gbit]
-                                  [--steps 5] [--no-write]
+                                  [--steps 4] [--no-write]
 
 A step is ``zero_grad`` + forward + backward (DDP reduces the gradients in it) + AdamW. Each
 rank runs one torch thread (two ranks on this machine's cores). Per model, the four methods
@@ -143,7 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "base"], choices=["mlp", "base"])
     ap.add_argument("--links", nargs="+", default=["none", "1gbit", "10gbit"])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shaped-net", type=Path, default=SHAPED_NET)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs alone")

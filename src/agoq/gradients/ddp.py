@@ -114,10 +114,11 @@ class _CommWorker:
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
-    def stop(self) -> None:
-        """Let the queued jobs finish, then end the thread."""
+    def stop(self, join: bool = True) -> None:
+        """Let the queued jobs finish, then end the thread (``join``: wait for it, at most a
+        minute)."""
         self._queue.put(None)
-        if threading.current_thread() is not self._thread:
+        if join and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
 
     @property
@@ -394,7 +395,8 @@ class Int8AllReduceState:
                 self._comm = _comm_group(parent, device)
                 self._device = device
             self._worker = _CommWorker(f"agoq-int8-allreduce-{global_rank()}")
-            self._finalizer = weakref.finalize(self, self._worker.stop)
+            # Collected without close(): end the thread, without waiting in the collector.
+            self._finalizer = weakref.finalize(self, self._worker.stop, False)
             self._finalizer.atexit = False  # a daemon thread: it ends with the process
         return self._worker
 
