@@ -43,7 +43,6 @@ def queue_backward_callback(fn: Callable[[], None]) -> bool:
     return True
 
 
-
 def work_from_future(fut: torch.futures.Future) -> dist.Work:
     """A ``dist.Work`` that completes with ``fut`` (for callers that wait on Work)."""
     return torch._C._distributed_c10d._create_work_from_future(fut)
