@@ -93,6 +93,9 @@ def configs(dim: int, batch: torch.Tensor) -> tuple[dict, object]:
     fwd = {
         "eager base": forward_fn(model, batch, None),
         "eager agoq": forward_fn(model, batch, ctx),
+        # The hooks alone (every save kept untouched): agoq's Python and torch's cost of
+        # Python saved-tensor and module hooks, without codec or recompute.
+        "eager hooks": forward_fn(model, batch, quantize_activations(ActivationPlan.keep_all())),
         "compiled base": forward_fn(cmodel, batch, None),
         "compiled agoq": forward_fn(cmodel, batch, ctx),
     }
@@ -136,6 +139,8 @@ def memory_child(args: list[str]) -> None:
     for dim in dims:
         fwd, _ = configs(dim, batch)
         for name, f in fwd.items():
+            if name == "eager hooks":
+                continue
             _step(f)()  # compile / warm: the measured step is a steady-state one
             result[f"{dim} {name}"] = measure_step(f)
     child_output(result)
@@ -164,14 +169,15 @@ def main() -> None:
     rows, mem_rows, goals = [], [], []
     t_start = time.perf_counter()
     for dim in dims:
-        # Fewer repetitions at the widest width: a step takes seconds there.
-        r = measure_width(dim, batch, 3 if dim >= 2048 else args.reps)
+        # More repetitions where a step is short: every width gets ~10 s per configuration.
+        r = measure_width(dim, batch, args.reps * {256: 4, 1024: 1}.get(dim, 1))
         r["mem"] = {
             k: mem[f"{dim} {k}"]
             for k in ("eager base", "eager agoq", "compiled base", "compiled agoq")
         }
         cfg = LlamaConfig(dim=dim, n_layers=N_LAYERS, n_heads=dim // 64, vocab_size=VOCAB_SIZE)
         r["params"] = sum(p.numel() for p in build(cfg).parameters())
+        eh = r["eager hooks"]
         eb, ea, cb, ca = (
             r[k] for k in ("eager base", "eager agoq", "compiled base", "compiled agoq")
         )
@@ -181,7 +187,8 @@ def main() -> None:
                 f"{r['params'] / 1e6:.1f}M",
                 f"{eb * 1e3:.0f}",
                 f"{ea * 1e3:.0f} (**{ea / eb:.2f}x**)",
-                f"{r['codec'] / ea * 100:.0f}%",
+                f"{(eh - eb) / eb * 100:+.0f}% / {r['codec'] / eb * 100:+.0f}% / "
+                f"{(ea - eh - r['codec']) / eb * 100:+.0f}%",
                 f"{cb * 1e3:.0f}",
                 f"{ca * 1e3:.0f} (**{ca / cb:.2f}x**)",
             ]
@@ -215,10 +222,14 @@ def main() -> None:
         f"(bf16 GEMMs on this CPU run at 0.3 GFLOP/s), batch {args.batch} x seq {args.seq} of "
         "text, 1 thread (on this shared machine a 2-thread OpenMP team waits milliseconds at a "
         "barrier whenever a neighbour's process takes its core). Step = forward + backward, median of "
-        f"{args.reps} interleaved steps (3 at dim 2048); compiled = every block "
+        f"{args.reps} interleaved steps ({4 * args.reps} at dim 256); compiled = every block "
         "`torch.compile`d (inductor, fullgraph) with agoq's hooks inlined. agoq = the paper "
-        "plan (fp4 blocks of 128, recompute). Codec share = time inside agoq's quantize + "
-        "dequantize calls in an eager agoq step.\n",
+        "plan (fp4 blocks of 128, recompute). Eager overhead, in % of the step without agoq: "
+        "hooks = the context with a keep-everything plan (agoq's Python per save and module "
+        "call, and torch's cost of Python saved-tensor and module hooks), codec = time inside "
+        "agoq's quantize + dequantize calls in an eager agoq step, rest = what is left "
+        "(recompute, RMSNorm's own backward, allocation; negative when agoq's smaller "
+        "activations save more than it costs; all three are differences of noisy medians).\n",
         "**Step time, ms** (ratio to no agoq in the same mode):\n",
         table(
             [
@@ -226,7 +237,7 @@ def main() -> None:
                 "params",
                 "eager, no agoq",
                 "eager, agoq",
-                "codec share",
+                "eager overhead: hooks / codec / rest",
                 "compiled, no agoq",
                 "compiled, agoq",
             ],

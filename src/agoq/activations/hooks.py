@@ -106,11 +106,6 @@ def _release_module_hooks() -> None:
             _MODULE_HOOKS.remove()
 
 
-def module_hooks_installed() -> bool:
-    """True while agoq's global module hooks are registered (some context is active)."""
-    return _MODULE_HOOKS.installed
-
-
 def _global_pre_hook(module: torch.nn.Module, args: Any) -> None:
     # is_compiling() first, so dynamo folds the hook away inside compiled regions (no
     # guard on the active contexts, no recompilation when a new context is entered).
