@@ -68,6 +68,8 @@ def test_compiled_blocks_no_graph_break_no_recompile_and_close_gradients(backend
     rel = {n: ((grads[-1][n] - ref[n]).norm() / ref[n].norm()).item() for n in ref}
     assert max(rel.values()) < 0.35, rel
     assert all(torch.equal(grads[0][n], grads[2][n]) for n in ref)
+    if backend != "aot_eager":
+        return  # the guards are dynamo's: one backend shows it, without another compile
     # The module hooks leave with the context and come back under the same keys: a step
     # outside adds one graph (no hooks), the next steps inside reuse the first.
     plain = _step(model, tokens, None)  # unquantized: the compiled plain graph
