@@ -21,6 +21,7 @@ import datetime
 import queue
 import struct
 import threading
+import traceback
 import weakref
 import zlib
 from collections.abc import Callable, Mapping
@@ -101,6 +102,8 @@ class _CommWorker:
                 return
             try:
                 job()
+            except BaseException:  # noqa: BLE001 - jobs report their errors; this is a bug
+                traceback.print_exc()  # keep the thread alive for the buckets behind it
             finally:
                 del job  # it holds the state: let an abandoned state be collected
                 with self._idle:
@@ -469,7 +472,11 @@ class Int8AllReduceState:
                 self._broken = e
             if self._armed:
                 self._errors.append(e)
-            job.fut.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+            err = e if isinstance(e, Exception) else RuntimeError(repr(e))
+            try:
+                job.fut.set_exception(err)
+            except Exception:  # noqa: BLE001 - an exception object that does not pickle
+                job.fut.set_exception(RuntimeError(f"{type(e).__name__}: {e}"))
 
     def _reduce(self, job: _Job, stage: dict[str, bool]) -> None:
         buf = job.buf
