@@ -346,6 +346,8 @@ def reduce_flat(
         return
     B = spec.block
     padded = Layout(place.aligned, world, B).padded
+    if padded == 0:  # nothing to reduce (every rank sees the same empty layout)
+        return
     dev = flat.device
     sc = scratch if scratch is not None else Scratch()
     runs = place.runs
