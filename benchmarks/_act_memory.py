@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -82,3 +83,13 @@ def measure_step(forward: Callable[[], torch.Tensor]) -> tuple[int, int]:
 def mib(nbytes: float) -> str:
     """Bytes as MiB with one decimal."""
     return f"{nbytes / 2**20:.1f}"
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios a[i] / b[i]: each round runs both back to
+    back, so the ratio of a round cancels the machine's slower drift."""
+    r = sorted(x / y for x, y in zip(a, b, strict=True))
+    if len(r) < 4:
+        return statistics.median(r), r[0], r[-1]
+    q = statistics.quantiles(r, n=4)
+    return statistics.median(r), q[0], q[2]
