@@ -217,3 +217,24 @@ def test_without_a_compiler_the_reference_runs_with_a_warning(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "no-such-cc" in out.stdout or "failed" in out.stdout or "No such file" in out.stdout
+
+
+def test_the_public_ops_refuse_what_their_kernels_would_misread():
+    """torch.ops.agoq.* index raw memory: wrong shapes, dtypes or noise are clear errors
+    (before: an int tensor was quantized as floats, a short payload read past its end)."""
+    spec = QuantSpec(bits=8, format="int", block=32, scale_dtype=torch.bfloat16)
+    q = torch.ops.agoq.quantize_blockwise
+    with pytest.raises(TypeError, match="float"):
+        q(torch.arange(64).view(1, 64), 8, "int", 32, True, None)
+    with pytest.raises(ValueError, match="2-D"):
+        q(torch.randn(64), 8, "int", 32, True, None)
+    with pytest.raises(ValueError, match="noise"):
+        q(torch.randn(2, 64), 8, "int", 32, True, torch.rand(2, 10))
+    p, s = ops.split_wire(ops.quantize_rows(torch.randn(2, 64), spec), spec, 64)
+    d = torch.ops.agoq.dequantize_blockwise
+    with pytest.raises(ValueError, match="payload"):
+        d(p[:, :10].contiguous(), s, 8, "int", 32, 64, torch.float32)
+    with pytest.raises(ValueError, match="scales"):
+        d(p, s[:, :1].contiguous(), 8, "int", 32, 64, torch.float32)
+    with pytest.raises(ValueError, match="payload"):
+        d(p, s, 8, "int", 32, 1000, torch.float32)  # claims more elements than stored

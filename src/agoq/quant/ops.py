@@ -133,6 +133,20 @@ def quantize_blockwise(
 
 def _quantize_impl(x: torch.Tensor, spec: QuantSpec, noise: torch.Tensor | None) -> torch.Tensor:
     """The op's kernel choice (also called directly by eager callers, see _eager)."""
+    # The kernels index raw memory: a wrong shape or dtype must be an error, not a read
+    # past the end (the op is public: torch.ops.agoq.quantize_blockwise).
+    codec.check_quantizable(x)
+    if x.dim() != 2:
+        raise ValueError(
+            f"agoq quantize_blockwise: x must be 2-D (rows, row_elems), got {x.dim()}-D"
+        )
+    if noise is not None:
+        want = (x.shape[0], row_layout(spec, x.shape[1]).nblocks * spec.block)
+        if noise.dtype != torch.float32 or tuple(noise.shape) != want or noise.device != x.device:
+            raise ValueError(
+                f"agoq quantize_blockwise: noise must be float32 of shape {want} on {x.device}, "
+                f"got {noise.dtype} {tuple(noise.shape)} on {noise.device}"
+            )
     x = x.contiguous()
     if noise is not None:
         noise = noise.contiguous()
@@ -153,9 +167,41 @@ def _(x, bits, fmt, block, bf16_scales, noise=None):
     return x.new_empty((x.shape[0], lay.row_bytes), dtype=torch.uint8)
 
 
+def _check_parts(
+    payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, out: torch.Tensor
+) -> None:
+    """Shapes, dtypes and devices the dequantize kernels rely on (they index raw memory)."""
+    rows = payload.shape[0] if payload.dim() == 2 else -1
+    lay = row_layout(spec, n)
+    problems = []
+    if payload.dtype != torch.uint8 or tuple(payload.shape) != (rows, lay.payload_bytes):
+        problems.append(
+            f"payload must be uint8 (rows, {lay.payload_bytes}), got {payload.dtype} "
+            f"{tuple(payload.shape)}"
+        )
+    if scales.dtype != spec.scale_dtype or tuple(scales.shape) != (rows, lay.nblocks):
+        problems.append(
+            f"scales must be {spec.scale_dtype} ({rows}, {lay.nblocks}), got {scales.dtype} "
+            f"{tuple(scales.shape)}"
+        )
+    if tuple(out.shape) != (rows, n) or out.dtype not in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    ):
+        problems.append(f"output must be a float ({rows}, {n}) tensor")
+    if not (payload.device == scales.device == out.device):
+        problems.append(
+            f"payload, scales and output are on {payload.device}, {scales.device}, {out.device}"
+        )
+    if problems:
+        raise ValueError(f"agoq dequantize_blockwise ({spec}): " + "; ".join(problems))
+
+
 def _dequantize_into(
     payload: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, n: int, out: torch.Tensor
 ) -> None:
+    _check_parts(payload, scales, spec, n, out)
     if payload.device.type == "cpu":
         if cpu_kernels.supports(spec, out.dtype):
             cpu_kernels.dequantize(payload, scales, spec, n, out)
