@@ -35,6 +35,18 @@ def inplace_error(t: torch.Tensor, saved: int) -> RuntimeError:
     )
 
 
+def _give_back(handle: object) -> None:
+    """Hand a counted handle's bytes back to the report (from ``__del__``: cheaper than a
+    weakref.finalize per handle, and it runs at the same moment, when autograd drops the
+    graph that holds the handle)."""
+    try:
+        on_free = handle._on_free
+    except AttributeError:  # __init__ did not run
+        return
+    if on_free is not None:
+        on_free(handle._nbytes)
+
+
 class Handle:
     """Something unpack turns back into a tensor (any number of times)."""
 
@@ -73,13 +85,7 @@ class HeldKept(Kept):
         self._nbytes = nbytes
 
     def __del__(self) -> None:
-        # Cheaper than weakref.finalize per handle (no registry), and runs at the same
-        # moment: when autograd drops the graph that holds this handle.
-        try:
-            on_free = self._on_free
-        except AttributeError:  # __init__ did not run
-            return
-        on_free(self._nbytes)
+        _give_back(self)
 
 
 class _Built(Handle):
@@ -135,12 +141,7 @@ class Quantized(_Built):
         self._nbytes = nbytes
 
     def __del__(self) -> None:
-        try:
-            on_free = self._on_free
-        except AttributeError:  # __init__ did not run
-            return
-        if on_free is not None:
-            on_free(self._nbytes)
+        _give_back(self)
 
     def _build(self) -> torch.Tensor:
         return dequantize(self.packed)
