@@ -20,7 +20,6 @@ on a machine without a GPU (it writes nothing).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -221,7 +220,6 @@ def main() -> None:
     if not args.no_write and device.type == "cuda" and not quick:
         write_section("gpu", body)
         print("wrote docs/benchmarks.md (section gpu)")
-    assert statistics.median([1.0])  # the script ran to the end
 
 
 if __name__ == "__main__":
