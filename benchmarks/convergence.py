@@ -20,15 +20,26 @@ mean, std and min-max over seeds, the relative difference to the baseline, and w
 goal holds (agoq's mean within 1% of the baseline's and inside the baseline's seed range).
 Writes docs/results.md and docs/results.png; the raw per-run numbers go to ``--raw`` (so
 ``--from-raw`` can rebuild the docs without training again).
+
+``--family llama|mistral|qwen2|qwen3|gemma`` trains a HuggingFace transformers model of that
+family instead (``pip install 'agoq[hf]'``), built from a config with the shape of the
+``--model`` preset (random init, fp32, sdpa attention), on the same data, schedule and seeds:
+``baseline`` against ``agoq`` (and, with ``--configs``, the norm-32 plan). It writes its own
+section of docs/results.md (``<!-- begin:hf-<family> -->``), leaving the rest of the page
+alone; the reference study, run again, keeps those sections.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
+import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 from _report import machine, table, today
@@ -51,22 +62,167 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+# HuggingFace families (--family): config class of each, and the configs trained.
+HF_FAMILIES: dict[str, str] = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "gemma": "GemmaConfig",
+}
+HF_CONFIGS: dict[str, str] = {
+    "baseline": "none",
+    "agoq": "agoq",
+    "agoq, norm inputs block 32": "agoq-norm32",
+}
+HF_DEFAULT = ("baseline", "agoq")
+
+
+def hf_model(family: str, preset: str, seed: int):
+    """A HF causal LM of ``family`` with the shape of the reference preset ``preset``
+    (hidden, layers, heads, KV heads, SwiGLU width; byte vocabulary), random init from
+    ``seed``, fp32, sdpa attention, untied embeddings (as the reference model)."""
+    import torch
+    import transformers
+
+    from agoq.data import VOCAB_SIZE
+    from agoq.models.llama import PRESETS
+
+    shape = PRESETS[preset]
+    cfg = getattr(transformers, HF_FAMILIES[family])(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=shape.dim,
+        intermediate_size=shape.ffn_dim,
+        num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads or shape.n_heads,
+        head_dim=shape.dim // shape.n_heads,
+        max_position_embeddings=shape.max_seq_len,
+        rms_norm_eps=shape.norm_eps,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    with torch.random.fork_rng(devices=[]):  # same seed => same init, whatever ran before
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(
+            cfg, attn_implementation="sdpa", dtype=torch.float32
+        )
+    return model.train()
+
+
+class _Logits:
+    """``model(tokens) -> logits`` for a HF model, so agoq.train's loss and evaluation
+    apply unchanged (a plain callable: the HF model stays the root module agoq sees)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, tokens):
+        return self.model(input_ids=tokens).logits
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def eval(self):
+        self.model.eval()
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+
+def hf_train(family: str, cfg: TrainConfig) -> dict:
+    """One run of ``agoq.train.train``'s loop (same batches, schedule, AdamW, clipping,
+    held-out windows) on a HF model; returns the same numbers as ``TrainResult.to_dict``,
+    plus ``layer_units``: bytes saved per decoder layer in one step, in U."""
+    import torch
+
+    from agoq import ActivationPlan, quantize_activations
+    from agoq.data import sample, split, text_tokens
+    from agoq.train import TrainResult, evaluate, lr_at
+
+    train_ids, heldout_ids = split(text_tokens())
+    model = hf_model(family, cfg.model, cfg.seed)
+    net = _Logits(model)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    plan = cfg.activation_plan()
+    # As agoq.train: a plain run is measured once, at step 0, under keep_all (no number
+    # changes); its other steps run without hooks.
+    ctx = quantize_activations(plan if plan is not None else ActivationPlan.keep_all())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses, times, lrs = [], [], []
+    first: dict[str, dict[str, int]] = {}
+    for step in range(cfg.steps):
+        tokens = sample(train_ids, cfg.batch, cfg.seq, gen)
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        measure = plan is not None or step == 0
+        t0 = time.perf_counter()
+        with ctx if measure else nullcontext():
+            loss = next_token_loss(net, tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        lrs.append(lr)
+        if step == 0:
+            for fqn, row in ctx.report.by_fqn().items():
+                m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", fqn)
+                g = first.setdefault(f"layers.{m.group(1)}" if m else "rest", {})
+                g["original"] = g.get("original", 0) + row.original_bytes
+                g["stored"] = g.get("stored", 0) + row.stored_bytes
+        if measure:
+            ctx.report.clear()
+    eval_loss = evaluate(net, heldout_ids, cfg)
+    unit = cfg.batch * cfg.seq * model.config.hidden_size * 2
+    res = TrainResult(
+        config={**asdict(cfg), "family": family},
+        losses=losses,
+        eval_loss=eval_loss,
+        step_times=times,
+        layers=first,
+        original_bytes=sum(v["original"] for v in first.values()),
+        stored_bytes=sum(v["stored"] for v in first.values()),
+        peak_saved_bytes=0,
+        unit_bytes=unit,
+        local_batch=cfg.batch,
+        parameters=sum(p.numel() for p in model.parameters()),
+        lrs=lrs,
+    )
+    d = res.to_dict()
+    layers = [v for k, v in first.items() if k.startswith("layers.")]
+    d["layer_units"] = {
+        key: sum(v[key] for v in layers) / len(layers) / unit for key in ("original", "stored")
+    }
+    return d
+
+
 def run_all(args: argparse.Namespace) -> dict:
     """Train every (config, seed); seed-major, so an interrupted run still has whole seeds."""
-    names = args.configs or list(CONFIGS)
-    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    hf = args.family != "reference"
+    configs = HF_CONFIGS if hf else CONFIGS
+    names = args.configs or (list(HF_DEFAULT) if hf else list(CONFIGS))
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
     if args.configs:  # add these configs to an earlier run with the same settings
         if not Path(args.raw).is_file():
             sys.exit(f"--configs adds to earlier results, but {args.raw} does not exist")
         earlier = json.loads(Path(args.raw).read_text())
-        same = ("steps", "seeds", "model", "batch", "seq", "lr")
-        if any(earlier["args"][k] != vars(args)[k] for k in same):
+        same = ("steps", "seeds", "model", "batch", "seq", "lr", "family")
+        if any(earlier["args"].get(k, "reference") != vars(args)[k] for k in same):
             sys.exit(f"--configs: {args.raw} was run with other settings ({earlier['args']})")
         runs.update({k: v for k, v in earlier["runs"].items() if k not in names})
     start = time.perf_counter()
     for seed in args.seeds:
         for name in names:
-            kw = CONFIGS[name]
+            kw = {"plan": HF_CONFIGS[name]} if hf else CONFIGS[name]
             cfg = TrainConfig(
                 model=args.model,
                 steps=args.steps,
@@ -77,13 +233,16 @@ def run_all(args: argparse.Namespace) -> dict:
                 **kw,
             )
             t0 = time.perf_counter()
-            res = train(cfg)
-            d = res.to_dict()
+            if hf:
+                cfg.validate()
+                d = hf_train(args.family, cfg)
+            else:
+                d = train(cfg).to_dict()
             d["wall_s"] = time.perf_counter() - t0
             runs[name].append(d)
             print(
-                f"seed {seed} {name:28s} eval {res.eval_loss:.4f}  train(last {TAIL}) "
-                f"{res.tail_loss(TAIL):.4f}  {res.median_step_s:.3f} s/step  "
+                f"seed {seed} {name:28s} eval {d['eval_loss']:.4f}  train(last {TAIL}) "
+                f"{statistics.fmean(d['losses'][-TAIL:]):.4f}  {d['median_step_s']:.3f} s/step  "
                 f"{d['wall_s']:.0f} s (total {time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
@@ -449,7 +608,120 @@ def write_doc(raw: dict, summary: dict, command: str) -> str:
     )
     parts.append("\n\n".join(disc) + "\n")
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text("\n".join(parts))
+    # The HF families' sections are written by their own runs: keep them.
+    kept = _HF_SECTION.findall(DOC.read_text()) if DOC.exists() else []
+    DOC.write_text("\n".join(parts) + "".join(f"\n{k}\n" for k in kept))
+    return "\n".join(verdicts)
+
+
+_HF_SECTION = re.compile(r"<!-- begin:hf-[a-z0-9]+ -->.*?<!-- end:hf-[a-z0-9]+ -->", re.S)
+
+
+def _commit() -> str:
+    """The agoq commit the run used (``git describe``), or "unknown" outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "log", "-1", "--format=%h %cs"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return out.stdout.strip() + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_hf_section(raw: dict, summary: dict, command: str) -> str:
+    """Replace (or append) this family's section of docs/results.md; returns the verdict."""
+    a = raw["args"]
+    family = a["family"]
+    base = raw["runs"]["baseline"][0]
+    cfg = base["config"]
+    rows = []
+    for name, s in summary.items():
+        ev, evr, evrel = _fmt(s["eval"])
+        tr, trr, trrel = _fmt(s["train"])
+        lu = raw["runs"][name][0]["layer_units"]
+        rows.append(
+            [
+                name,
+                ev,
+                evr,
+                evrel,
+                f"{s['eval']['paired']:+.4f}",
+                tr,
+                trr,
+                trrel,
+                f"{lu['stored']:.2f}",
+                f"{s['step_s']:.3f}",
+            ]
+        )
+    verdicts = []
+    for name, s in summary.items():
+        if name == "baseline":
+            continue
+        ev = s["eval"]
+        verdicts.append(
+            f"- **{name}: held-out loss {ev['rel']:+.2%} vs baseline, goal (within 1% over "
+            f"{len(ev['values'])} seeds) {'met' if ev['within_goal'] else 'NOT met'}**; mean "
+            f"inside the baseline's seed range: {'yes' if ev['inside_spread'] else 'no'}; "
+            "paired differences per seed "
+            + ", ".join(f"{d:+.4f}" for d in ev["diffs"])
+            + f". Final training loss {s['train']['rel']:+.2%}."
+        )
+    finite = all(s["finite"] for s in summary.values())
+    body = "\n".join(
+        [
+            f"## HuggingFace {family} (`transformers.{HF_FAMILIES[family]}`)\n",
+            f"Run {raw['date']} on {raw['machine']}; transformers {raw.get('transformers', '?')};"
+            f" agoq at {raw.get('commit', 'unknown')}. Command: `{command}`.\n",
+            f"A HF {family} model built from a config with the shape of the reference preset "
+            f"`{cfg['model']}` ({base['parameters']:,} parameters, byte vocabulary 256, untied "
+            "embeddings), random init from the seed, fp32 weights, sdpa attention, trained "
+            "by the same loop as the study above (`hf_train` in `benchmarks/convergence.py`: "
+            f"same batches per seed, AdamW, warmup + cosine, clipping): {cfg['steps']} steps of "
+            f"{cfg['batch']} x {cfg['seq']} tokens, lr {cfg['lr']:g}; "
+            f"seeds {', '.join(str(x) for x in a['seeds'])}. **agoq** = "
+            "`quantize_activations(ActivationPlan.agoq())`, the paper's plan with agoq's "
+            "default rules; *U / layer* = bytes saved for backward per decoder layer in one "
+            "step, in units of one bf16 hidden state (batch x seq x hidden x 2), counted "
+            "exactly by the context (the baseline's is what torch saves).\n",
+            table(
+                [
+                    "config",
+                    "held-out loss",
+                    "held-out min – max",
+                    "rel.",
+                    "paired Δ",
+                    "train loss (last 20)",
+                    "train min – max",
+                    "rel.",
+                    "U / layer",
+                    "s / step",
+                ],
+                rows,
+            )
+            + "\n",
+            "\n".join(verdicts) + "\n",
+            f"All losses finite: {'yes' if finite else '**no**'}.",
+        ]
+    )
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# Convergence: agoq vs plain PyTorch\n"
+    begin, end = f"<!-- begin:hf-{family} -->", f"<!-- end:hf-{family} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
     return "\n".join(verdicts)
 
 
@@ -462,22 +734,43 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--raw", default="/tmp/agoq-convergence-raw.json", help="raw results JSON")
+    ap.add_argument(
+        "--family",
+        default="reference",
+        choices=["reference", *HF_FAMILIES],
+        help="reference: agoq's own LLaMA (the study above); else a HF transformers family",
+    )
+    ap.add_argument("--raw", default=None, help="raw results JSON (default: /tmp, per family)")
     ap.add_argument("--from-raw", action="store_true", help="rebuild docs from --raw only")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
     ap.add_argument(
         "--configs",
         nargs="+",
-        choices=list(CONFIGS),
+        choices=sorted(set(CONFIGS) | set(HF_CONFIGS)),
         help="train only these configs and merge them into the earlier results in --raw",
     )
     args = ap.parse_args()
+    hf = args.family != "reference"
+    if args.raw is None:
+        suffix = "" if not hf else f"-hf-{args.family}"
+        args.raw = f"/tmp/agoq-convergence-raw{suffix}.json"
+    bad = [c for c in args.configs or () if c not in (HF_CONFIGS if hf else CONFIGS)]
+    if bad:
+        ap.error(f"--configs {bad} not available for --family {args.family}")
     if len(args.seeds) < 2:
         ap.error("--seeds needs at least 2 seeds to measure a spread")
     if args.from_raw:
         raw = json.loads(Path(args.raw).read_text())
     else:
         raw = run_all(args)
+        if hf:
+            import transformers
+
+            raw.update(transformers=transformers.__version__, commit=_commit())
+            Path(args.raw).write_text(json.dumps(raw))
+    if hf:
+        hf_main(raw, args)
+        return
     if "grad_errors" not in raw or args.configs:
         raw["grad_errors"] = gradient_errors(argparse.Namespace(**raw["args"]))
         Path(args.raw).write_text(json.dumps(raw))
@@ -508,6 +801,35 @@ def main() -> None:
         sys.exit("matplotlib is needed for docs/results.png: pip install 'agoq[plot]'")
     print(write_doc(raw, summary, command))
     print(f"wrote {DOC.relative_to(ROOT)} and {PNG.relative_to(ROOT)}")
+
+
+def hf_main(raw: dict, args: argparse.Namespace) -> None:
+    """Summarize a HF family's runs and write its section of docs/results.md."""
+    summary = summarize(raw)
+    for name, s in summary.items():
+        ev, evr, evrel = _fmt(s["eval"])
+        tr, trr, trrel = _fmt(s["train"])
+        print(f"{name:28s} held-out {ev} [{evr}] {evrel} | train {tr} [{trr}] {trrel}")
+    if args.no_write:
+        return
+    ra = raw["args"]
+    command = f"python benchmarks/convergence.py --family {ra['family']}" + "".join(
+        f" --{k} {v}"
+        for k, v, d in (
+            ("steps", ra["steps"], 300),
+            ("model", ra["model"], "small"),
+            ("batch", ra["batch"], 16),
+            ("seq", ra["seq"], 128),
+            ("lr", ra["lr"], 3e-3),
+        )
+        if v != d
+    )
+    if ra["seeds"] != [0, 1, 2]:
+        command += " --seeds " + " ".join(str(x) for x in ra["seeds"])
+    if ra.get("configs"):
+        command += " --configs " + " ".join(f"'{c}'" for c in ra["configs"])
+    print(write_hf_section(raw, summary, command))
+    print(f"wrote the hf-{ra['family']} section of {DOC.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
