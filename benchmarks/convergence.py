@@ -690,8 +690,9 @@ def write_hf_section(raw: dict, summary: dict, command: str) -> str:
             f"seeds {', '.join(str(x) for x in a['seeds'])}. **agoq** = "
             "`quantize_activations(ActivationPlan.agoq())`, the paper's plan with agoq's "
             "default rules; *U / layer* = bytes saved for backward per decoder layer in one "
-            "step, in units of one bf16 hidden state (batch x seq x hidden x 2), counted "
-            "exactly by the context (the baseline's is what torch saves).\n",
+            "step, in units of one bf16 hidden state (batch x seq x hidden x 2; these fp32 "
+            "runs save 2U per hidden state), counted exactly by the context at step 0 (the "
+            "baseline's is what torch saves).\n",
             table(
                 [
                     "config",
