@@ -22,8 +22,10 @@ import torch
 
 from ..memory import MemoryReport
 from ..quant import QuantSpec, quantize
+from ..quant.codec import is_dtensor
 from ._compat import no_static_hooks_filtering, top_saved_tensors_hooks
 from .classify import _CHAIN_NODES, ModuleTracker, parameter_source
+from .dtensor import pack_dtensor
 from .hooks import hook_pair, pop_active, push_active
 from .plan import ActivationPlan
 from .recompute import RecipeMode, Recipes
@@ -163,6 +165,8 @@ class ActivationContext:
     # ------------------------------------------------------------ pack
 
     def _pack(self, t: torch.Tensor) -> Any:
+        if is_dtensor(t):  # tensor parallel: stored through its local tensor
+            return pack_dtensor(self, t)
         tracker = self._tracker
         if tracker.is_static(t) or t.dtype not in _CODEC_DTYPES:
             return Kept(t)  # float64, complex, integer and bool saves stay exact
