@@ -181,14 +181,6 @@ class AgoqConverter:
         self.job_config = job_config
         self.parallel_dims = parallel_dims
         self.plan = cfg.activation_plan()
-        if parallel_dims.tp_enabled and self.plan is not None and _quantizes(self.plan):
-            raise ValueError(
-                "[agoq] activation quantization under tensor parallelism is not supported: "
-                "torchtitan's sequence-parallel norms pass DTensor activations, which agoq's "
-                'codec cannot quantize (torch 2.13). Set [agoq] activations = "off" (or '
-                '"keep" to only measure); gradient compression still applies to FSDP\'s '
-                "reduce-scatter"
-            )
         if self.plan is not None and job_config.activation_checkpoint.mode != "none":
             # Under torchtitan's AC the checkpoint wrapper (which takes the block's place,
             # "layers.<i>") saves only the block input: the residual stream, i.e. what the
