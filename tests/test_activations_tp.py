@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from dist_utils import run_ranks
 
 VOCAB, DIM, BATCH, SEQ = 256, 64, 2, 32  # the model sees SEQ tokens (SEQ + 1 drawn)
@@ -131,6 +132,16 @@ def _tp_rank(rank: int, world: int) -> dict:
         for k, r in report.by_kind().items()
     }
 
+    # Autocast: the bf16 copies of the DTensor weights are kept (never quantized), once each.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ac_ref, _ = _grads(model, tokens)
+        ac_got, ac_ctx = _grads(model, tokens, ActivationPlan.agoq(min_numel=0))
+    weight_copies = {
+        fqn: (dict(r.modes), r.stored_bytes)
+        for (fqn, kind), r in ac_ctx.report.rows.items()
+        if kind == "attn_proj_input"
+    }
+
     # In-place change of a saved DTensor after the save: agoq's version check raises.
     inplace_error = ""
     from agoq import quantize_activations
@@ -157,6 +168,8 @@ def _tp_rank(rank: int, world: int) -> dict:
         "stored": report.stored_bytes,
         "original": report.original_bytes,
         "inplace_error": inplace_error,
+        "autocast_rel": max(_rel(ac_got, ac_ref).values()),
+        "weight_copies": weight_copies,
     }
 
 
@@ -196,3 +209,14 @@ def test_tp_sequence_parallel_activations():
         assert attn["stored"] == attn["original"] > 0 and attn["modes"] == {"kept": 10}
         assert r["stored"] < 0.5 * r["original"], (r["stored"], r["original"])
         assert "modified by an inplace operation" in r["inplace_error"], r["inplace_error"]
+        # Autocast: the bound of the non-TP autocast test; each Q/K/V Linear keeps its bf16
+        # weight copy (this rank's rows x DIM x 2 bytes) and quantizes its bf16 input cast
+        # (the full sequence after the all-gather: 4 bits + an fp32 scale per 128).
+        assert r["autocast_rel"] < 0.35, r["autocast_rel"]
+        n_full = BATCH * SEQ * DIM
+        out_rows = {"wq": 64, "wk": 32, "wv": 32}  # n_heads / n_kv_heads x head_dim 16
+        assert len(r["weight_copies"]) == 2 * 3  # 2 layers x Q/K/V
+        for fqn, (modes, stored) in r["weight_copies"].items():
+            assert modes == {"kept": 1, "quantized": 1}, (fqn, modes)
+            rows = out_rows[fqn.rsplit(".", 1)[1]] // 2
+            assert stored == rows * DIM * 2 + n_full // 2 + n_full // 128 * 4, (fqn, stored)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-from dist_utils import run_ranks
-from quant_reference import local_gap, output_tolerance
 
 from agoq import QuantSpec, dequantize, quantize
+from dist_utils import run_ranks
+from quant_reference import local_gap, output_tolerance
 
 SPECS = [
     QuantSpec(bits=4, format="fp4_e2m1", block=128),
@@ -31,9 +31,7 @@ def _half_step_bound(x: torch.Tensor, y: torch.Tensor, spec: QuantSpec) -> torch
     v = torch.where(s > 0, xf / s, torch.zeros_like(xf))
     # The codec's scale is >= s, so its |x / scale| <= |v|; the gaps of every grid here
     # never shrink with magnitude, so the gap at v is an upper bound of the one used.
-    return 0.5 * local_gap(spec, v) * s * (1 + rel) * (1 + 1e-6) + output_tolerance(
-        y.reshape(-1)
-    )
+    return 0.5 * local_gap(spec, v) * s * (1 + rel) * (1 + 1e-6) + output_tolerance(y.reshape(-1))
 
 
 def _shard(full: torch.Tensor, dim: int | None, rank: int, world: int) -> torch.Tensor:
@@ -56,7 +54,7 @@ def _codec_rank(rank: int, world: int) -> dict:
     for si, spec in enumerate(SPECS):
         for ci, (shape, placements, dim) in enumerate(cases):
             full = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
-            full.view(-1)[:: 11] *= 50  # outliers, so blocks have different scales
+            full.view(-1)[::11] *= 50  # outliers, so blocks have different scales
             x = distribute_tensor(full.float(), mesh, placements)
             if ci == 3:  # a transposed (non-contiguous) DTensor: Shard(1) becomes Shard(0)
                 x = x.t()

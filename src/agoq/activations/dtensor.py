@@ -39,9 +39,7 @@ class DTensorOf(_Built):
 
     __slots__ = ("local", "layout", "view")
 
-    def __init__(
-        self, local: Handle, t: DTensor, view_of: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, local: Handle, t: DTensor, view_of: torch.Tensor | None = None) -> None:
         super().__init__(t)
         self.local = local
         self.layout = (t.device_mesh, tuple(t.placements), t.shape, tuple(t.stride()))
@@ -61,23 +59,40 @@ class DTensorOf(_Built):
         )
 
 
+class _KeptView(Kept):
+    """A view of a kept DTensor; the bytes are counted by (and live with) ``owner``."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, t: torch.Tensor, owner: Handle) -> None:
+        super().__init__(t)
+        self.owner = owner
+
+
 def pack_dtensor(ctx: Any, t: DTensor) -> Handle:
     """The handle an :class:`~agoq.activations.context.ActivationContext` stores a saved
     DTensor ``t`` as (parameters and non-float DTensors are kept as they are)."""
     tracker = ctx._tracker
     if tracker.is_static(t) or t.dtype not in _CODEC_DTYPES:
         return Kept(t)
-    if parameter_source(t)[0] is not None:
-        # A cast/view of a parameter DTensor (autocast's weight copy): never quantized. It
-        # is kept, not rebuilt: the rebuild's as_strided does not exist for DTensors.
-        local = dtensor_local(t)
-        nbytes = local.nbytes
-        fqn, kind = tracker.where()
-        ctx.report.record(fqn, kind, "kept", local.numel(), nbytes, nbytes)
-        ctx.report.hold(nbytes)
-        return HeldKept(t, ctx.report.release, nbytes)
     base = t._base
     key = base if base is not None and base.numel() == t.numel() else t
+    if parameter_source(key)[0] is not None or (key.grad_fn is None and not key.requires_grad):
+        # A cast of a parameter DTensor (autocast's weight copy), or a DTensor with no
+        # autograd history (possibly a cast of a frozen one, which only a comparison with
+        # the parameters could tell): never quantized. Kept, not rebuilt: the rebuild's
+        # as_strided does not exist for DTensors. Counted once per tensor, like a store.
+        fqn, kind = tracker.where()
+        owner = ctx._table.get(key)
+        if owner is None:
+            nbytes = dtensor_local(key).nbytes
+            ctx.report.record(fqn, kind, "kept", dtensor_local(key).numel(), nbytes, nbytes)
+            ctx.report.hold(nbytes)
+            owner = HeldKept(key, ctx.report.release, nbytes)
+            ctx._table.put(key, owner)
+        else:
+            ctx.report.record(fqn, kind, "dedup", 0, 0, 0)
+        return owner if key is t else _KeptView(t, owner)
     local = dtensor_local(key)
     if key is not t:
         t_local = dtensor_local(t)
