@@ -134,6 +134,10 @@ def test_converter_is_registered_and_needs_the_section():
     tp.tp, tp.tp_enabled = 2, True
     conv = AgoqConverter(_job(), tp)  # tensor parallelism is no longer refused
     assert conv.plan is not None and conv.grad_path is None
+    compiled = ("--compile.enable", "--compile.components", "model")
+    with pytest.raises(ValueError, match="tensor parallelism with torch.compile"):
+        AgoqConverter(_job(*compiled), tp)  # torch 2.13's compiled DTensor backward fails
+    AgoqConverter(_job(*compiled, "--agoq.activations", "off"), tp)
 
 
 def test_converted_llama_trains_and_survives_the_pipeline_deepcopy():

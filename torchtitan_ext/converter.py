@@ -188,6 +188,16 @@ class AgoqConverter:
             rule = agoq.KindRule("norm_input", AC_BLOCK_PATTERN)
             self.plan = dataclasses.replace(self.plan, rules=(rule, *self.plan.rules))
         self.compiled = bool(job_config.compile.enable and "model" in job_config.compile.components)
+        if self.compiled and parallel_dims.tp_enabled and self.plan is not None:
+            # Measured on torch 2.13 (CPU): compiled TP blocks with the activation hooks
+            # inlined fail in AOTAutograd's DTensor backward wrapper ("not enough values to
+            # unpack"); a clear refusal instead of that error.
+            raise ValueError(
+                "[agoq] activations under tensor parallelism with torch.compile are not "
+                "supported: torch 2.13's compiled backward of DTensor blocks with saved-tensor "
+                "hooks inlined fails in AOTAutograd (torchtitan's TP + compile also fails on "
+                'CPU without agoq). Disable [compile], or set [agoq] activations = "off"'
+            )
         self.grad_path = self._grad_path()
         self.forwards_per_step = self._forwards_per_step()
         self.step = 0
