@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - other torch versions: no per-node info
 
 
 def dtensor_local(t: torch.Tensor) -> torch.Tensor:
-    """The local tensor a DTensor wraps (``DTensor._local_tensor``, torch 2.4 to 2.13)."""
+    """The local tensor a DTensor wraps (``DTensor._local_tensor``; checked on torch 2.13)."""
     try:
         return t._local_tensor
     except AttributeError:  # pragma: no cover - a torch whose DTensor stores it elsewhere
