@@ -24,8 +24,10 @@ from torch import nn
 
 from ..memory import MemoryReport
 from ..quant import QuantSpec, quantize
+from ..quant.codec import is_dtensor
 from ._compat import no_static_hooks_filtering, top_saved_tensors_hooks
 from .classify import _CHAIN_NODES, ModuleTracker, parameter_source
+from .dtensor import pack_dtensor
 from .hooks import hook_pair, pop_active, push_active
 from .plan import ActivationPlan
 from .rebuild import ModuleCall, role_of, single_input
@@ -307,6 +309,8 @@ class ActivationContext:
         call = self._call
         if call is not None and kind is None:
             return self._replayed(call, t)
+        if is_dtensor(t):  # tensor parallel: stored through its local tensor
+            return pack_dtensor(self, t)
         tracker = self._tracker
         if tracker.is_static(t) or t.dtype not in _CODEC_DTYPES:
             return Kept(t)  # float64, complex, integer and bool saves stay exact
