@@ -269,3 +269,21 @@ def test_spec_bits_hold_for_rebuilt_internals():
     got, ctx = _grads(net, tok, exact)
     assert ctx.report.total().modes["recomputed"] > 0
     assert _rel(got, ref) < 1e-5
+
+
+def test_in_place_activation_module_is_not_rebuilt():
+    """ReLU(inplace=True) modifies its input: rebuilding it from a stored copy would make
+    the input's own version check fail; it is left to autograd's usual saves."""
+    lin = nn.Linear(DIM, DIM)
+    act = nn.ReLU(inplace=True)
+    x = torch.randn(8, 64, DIM)
+    ref_in = x.clone()
+    lin.zero_grad()
+    act(lin(ref_in)).pow(2).sum().backward()
+    ref = lin.weight.grad.clone()
+    lin.zero_grad()
+    with quantize_activations(INT8) as ctx:
+        y = act(lin(x))
+    y.pow(2).sum().backward()
+    assert ctx.report.total().modes.get("recomputed", 0) == 0
+    assert torch.allclose(lin.weight.grad, ref, rtol=0.02, atol=1e-3 * ref.abs().max().item())

@@ -16,7 +16,6 @@ came from was not modified in place; nothing is held once autograd frees the gra
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from .classify import _CHAIN_NODES, ModuleTracker, parameter_source
 from .dtensor import pack_dtensor
 from .hooks import hook_pair, pop_active, push_active
 from .plan import ActivationPlan
-from .rebuild import ModuleCall, role_of, single_input
+from .rebuild import ModuleCall, cached_role
 from .recompute import RecipeMode, Recipes, cast
 from .store import (
     Expanded,
@@ -80,8 +79,6 @@ class ActivationContext:
         self._call_x: torch.Tensor | None = None
         self._call_depth = 0
         self._call_seen: set[int] = set()
-        # id(module) -> (weak module, role): what each module was probed to be.
-        self._roles: dict[int, tuple[Any, str | None]] = {}
         self._call_role: str | None = None
         self._call_kind = "other"
         # The kind of what the op running now saves (see op()); attention ops run so far;
@@ -147,14 +144,6 @@ class ActivationContext:
 
     # ------------------------------------------------------------ module hooks
 
-    def _role(self, module: torch.nn.Module, x: Any) -> str | None:
-        entry = self._roles.get(id(module))
-        if entry is not None and entry[0]() is module:
-            return entry[1]
-        role = role_of(module, x) if single_input(module) else None
-        self._roles[id(module)] = (weakref.ref(module), role)
-        return role
-
     def _module_pre(self, module: torch.nn.Module, args: tuple) -> None:
         """A module's forward starts: track it; start a rebuilt call for a norm or
         activation module (its input is stored now, its own saves go to the call)."""
@@ -172,7 +161,7 @@ class ActivationContext:
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.dtype not in _CODEC_DTYPES:
             return
-        role = self._role(module, x)
+        role = cached_role(module, x)
         if role is None or not self._hooks_on_top():
             return
         if not x.requires_grad and not any(p.requires_grad for p in module.parameters()):

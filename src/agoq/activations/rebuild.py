@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -109,7 +110,10 @@ def role_of(module: nn.Module, x: Any) -> str | None:
 
 
 def _probe(module: nn.Module, p: torch.Tensor, has_params: bool) -> str | None:
+    original = p.clone()
     y = module.forward(p)
+    if not torch.equal(p, original):  # modifies its input in place (ReLU(inplace=True))
+        return None
     if not isinstance(y, torch.Tensor) or y.shape != p.shape:
         return None
     if not torch.equal(y, module.forward(p)):  # nondeterministic
@@ -118,10 +122,33 @@ def _probe(module: nn.Module, p: torch.Tensor, has_params: bool) -> str | None:
     bumped[..., 0] *= 3.0
     if not torch.equal(module.forward(bumped)[..., 1:], y[..., 1:]):  # couples a row
         return "norm" if _close(module.forward(p * 2.5), y) else None
-    if has_params or _close(module.forward(p * 2.0), y * 2.0):  # linear: saves nothing
+    if has_params:
         return None
+    if _close(module.forward(p * 2.0), y * 2.0) and _close(module.forward(-p), -y):
+        return None  # linear (identity, a scaling): saves nothing worth rebuilding
     flipped = module.forward(torch.flip(p, dims=(-1,)))
     return "activation" if torch.equal(flipped, torch.flip(y, dims=(-1,))) else None
+
+
+# id(module) -> (weak module, role): a module's role is probed once per process, not per
+# context (a context is often made anew every step).
+_ROLES: dict[int, tuple[weakref.ref, str | None]] = {}
+
+
+def cached_role(module: nn.Module, x: Any) -> str | None:
+    """:func:`role_of` for a module taking one argument, probed at its first call only."""
+    key = id(module)
+    entry = _ROLES.get(key)
+    if entry is not None and entry[0]() is module:
+        return entry[1]
+    role = role_of(module, x) if single_input(module) else None
+
+    def drop(wr: weakref.ref) -> None:
+        if _ROLES.get(key, (None,))[0] is wr:
+            del _ROLES[key]
+
+    _ROLES[key] = (weakref.ref(module, drop), role)
+    return role
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype, bool]:
