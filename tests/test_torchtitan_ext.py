@@ -132,9 +132,12 @@ def test_converter_is_registered_and_needs_the_section():
         AgoqConverter(job, _Dims())
     tp = _Dims()
     tp.tp, tp.tp_enabled = 2, True
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        AgoqConverter(_job(), tp)
-    AgoqConverter(_job("--agoq.activations", "keep"), tp)  # measuring only is fine
+    conv = AgoqConverter(_job(), tp)  # tensor parallelism is no longer refused
+    assert conv.plan is not None and conv.grad_path is None
+    compiled = ("--compile.enable", "--compile.components", "model")
+    with pytest.raises(ValueError, match="tensor parallelism with torch.compile"):
+        AgoqConverter(_job(*compiled), tp)  # torch 2.13's compiled DTensor backward fails
+    AgoqConverter(_job(*compiled, "--agoq.activations", "off"), tp)
 
 
 def test_converted_llama_trains_and_survives_the_pipeline_deepcopy():
@@ -328,6 +331,28 @@ def test_two_processes_ddp_with_error_feedback(assets, tmp_path):
             assert len(values) == 1, (name, step, found)
         limit = 0.05 if name.startswith("grad") else 0.5
         assert all(0 < float(v) < limit for _, v in found), found
+
+
+def test_two_processes_tensor_parallel(assets, tmp_path):
+    """torchtitan's own TP + sequence parallel (parallelize_llama: colwise/rowwise
+    projections, sequence-parallel norms, loss parallel) on 2 gloo ranks."""
+    tp = (
+        "--parallelism.tensor_parallel_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "1",
+    )  # fmt: skip
+    on, log = _run(assets, tmp_path, 2, *tp, name="on")
+    off, off_log = _run(assets, tmp_path, 2, *tp, agoq=False, name="off")
+    print(f"2 processes TP: agoq {on}\n                off  {off}")
+    for text in (log, off_log):
+        assert "Applied Tensor Parallelism to the model" in text
+    _check_curves(on, off)
+    stored, original = _report(log)
+    assert 0 < stored < 0.35 * original
+    # The sequence-parallel norm inputs (DTensors) really are quantized, 4-bit + scales.
+    norm = re.search(r"norm_input\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)", log)
+    assert norm, "no norm_input row in the report"
+    assert norm.group(6) == f"quantized:{norm.group(2)}" and float(norm.group(5)) < 4.3
+    assert "gradients off (no data parallelism)" in log
 
 
 def test_two_processes_pipeline_stage_aware(assets, tmp_path):

@@ -181,14 +181,6 @@ class AgoqConverter:
         self.job_config = job_config
         self.parallel_dims = parallel_dims
         self.plan = cfg.activation_plan()
-        if parallel_dims.tp_enabled and self.plan is not None and _quantizes(self.plan):
-            raise ValueError(
-                "[agoq] activation quantization under tensor parallelism is not supported: "
-                "torchtitan's sequence-parallel norms pass DTensor activations, which agoq's "
-                'codec cannot quantize (torch 2.13). Set [agoq] activations = "off" (or '
-                '"keep" to only measure); gradient compression still applies to FSDP\'s '
-                "reduce-scatter"
-            )
         if self.plan is not None and job_config.activation_checkpoint.mode != "none":
             # Under torchtitan's AC the checkpoint wrapper (which takes the block's place,
             # "layers.<i>") saves only the block input: the residual stream, i.e. what the
@@ -196,6 +188,16 @@ class AgoqConverter:
             rule = agoq.KindRule("norm_input", AC_BLOCK_PATTERN)
             self.plan = dataclasses.replace(self.plan, rules=(rule, *self.plan.rules))
         self.compiled = bool(job_config.compile.enable and "model" in job_config.compile.components)
+        if self.compiled and parallel_dims.tp_enabled and self.plan is not None:
+            # Measured on torch 2.13 (CPU): compiled TP blocks with the activation hooks
+            # inlined fail in AOTAutograd's DTensor backward wrapper ("not enough values to
+            # unpack"); a clear refusal instead of that error.
+            raise ValueError(
+                "[agoq] activations under tensor parallelism with torch.compile are not "
+                "supported: torch 2.13's compiled backward of DTensor blocks with saved-tensor "
+                "hooks inlined fails in AOTAutograd (torchtitan's TP + compile also fails on "
+                'CPU without agoq). Disable [compile], or set [agoq] activations = "off"'
+            )
         self.grad_path = self._grad_path()
         self.forwards_per_step = self._forwards_per_step()
         self.step = 0

@@ -18,6 +18,8 @@ class Row:
     original_bytes: int = 0
     stored_bytes: int = 0
     modes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Storage formats of the distinct tensors (e.g. "fp4_e2m1/128", "bfloat16"): counts.
+    formats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, other: Row) -> None:
         """Accumulate ``other`` into this row."""
@@ -28,6 +30,8 @@ class Row:
         self.stored_bytes += other.stored_bytes
         for k, v in other.modes.items():
             self.modes[k] += v
+        for k, v in other.formats.items():
+            self.formats[k] += v
 
     @property
     def bits(self) -> float:
@@ -63,9 +67,17 @@ class MemoryReport:
         self.live_bytes -= nbytes
 
     def record(
-        self, fqn: str, kind: str, mode: str, elements: int, original: int, stored: int
+        self,
+        fqn: str,
+        kind: str,
+        mode: str,
+        elements: int,
+        original: int,
+        stored: int,
+        fmt: str = "",
     ) -> None:
-        """Account one pack call (elements/bytes are 0 for a repeat save)."""
+        """Account one pack call (elements/bytes are 0 for a repeat save); ``fmt`` names
+        the storage format of a kept or quantized tensor."""
         row = self.rows.get((fqn, kind))
         if row is None:  # not setdefault: a Row per call is the cost of a pack hook
             row = self.rows[(fqn, kind)] = Row()
@@ -76,6 +88,8 @@ class MemoryReport:
             row.elements += elements
             row.original_bytes += original
             row.stored_bytes += stored
+            if fmt:
+                row.formats[fmt] += 1
 
     def clear(self) -> None:
         """Forget everything recorded so far (the live count keeps running)."""
@@ -144,6 +158,25 @@ class MemoryReport:
             lines.append(fmt(name, rows[name]))
         lines.append("-" * len(head))
         lines.append(fmt("total", self.total()))
+        return "\n".join(lines)
+
+    def explain(self, prefix: str = "", *, unit: int | None = None) -> str:
+        """One line per (module, kind) saving for backward: what each got, e.g.
+        ``model.layers.0.self_attn.q_norm  qk_norm_input  quantized:1 recomputed:3
+        int8/128  0.26U``, so a user sees what a new model gets without reading code.
+        Modes: quantized, kept, recomputed (rebuilt from stored inputs, 0 bytes), rebuilt
+        (a parameter copy), dedup (a repeat save)."""
+        keys = sorted(k for k in self.rows if k[0].startswith(prefix))
+        width = max([len(f) for f, _ in keys] + [6])
+        kwidth = max([len(k) for _, k in keys] + [4])
+        size = "stored" if unit is None else "stored (U)"
+        lines = [f"{'module':<{width}}  {'kind':<{kwidth}}  {'modes':<34}  {'formats':<28}  {size}"]
+        for fqn, kind in keys:
+            r = self.rows[(fqn, kind)]
+            modes = " ".join(f"{m}:{n}" for m, n in sorted(r.modes.items()))
+            fmts = " ".join(sorted(r.formats)) or "-"
+            amount = f"{r.stored_bytes / unit:.2f}U" if unit else f"{r.stored_bytes} B"
+            lines.append(f"{fqn:<{width}}  {kind:<{kwidth}}  {modes:<34}  {fmts:<28}  {amount}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -5,6 +5,9 @@
 * ``top_saved_tensors_hooks()``: the innermost saved-tensor hook pair of this thread.
 * ``no_static_hooks_filtering()``: make the inlined hooks see a compiled region's
   non-static inputs too (never its parameters or buffers).
+* ``dtensor_local()``: a DTensor's own local tensor (the same object at every call; the
+  public ``to_local()`` returns a new view each time, and the context keys its tables by
+  tensor identity).
 * :class:`GlobalModuleHooks`: a global forward pre-hook and post-hook (always called)
   that can be installed and removed again and again *under the same keys*. Dynamo guards
   on the keys of torch's global hook dicts when it inlines a module call inside a compiled
@@ -31,6 +34,17 @@ except ImportError:  # pragma: no cover - other torch versions: no per-node info
     def saved_tensor_hook_context() -> dict[str, Any] | None:
         """No per-node information on this torch version."""
         return None
+
+
+def dtensor_local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor a DTensor wraps (``DTensor._local_tensor``; checked on torch 2.13)."""
+    try:
+        return t._local_tensor
+    except AttributeError:  # pragma: no cover - a torch whose DTensor stores it elsewhere
+        raise RuntimeError(
+            f"agoq: this torch {torch.__version__} DTensor has no _local_tensor; agoq's "
+            "activation context cannot store DTensor activations on it (tested: torch 2.13)"
+        ) from None
 
 
 def top_saved_tensors_hooks() -> tuple[Any, Any] | None:

@@ -107,7 +107,10 @@ class ModuleTracker:
         self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._statics: dict[int, weakref.ref] = {}
         self._by_shape: dict[tuple[int, ...], dict[int, weakref.ref]] = {}
-        self._producers: dict[int, tuple[weakref.ref, str]] = {}
+        # id(tensor) -> (weak tensor, kind, strong): the kind a tensor has wherever it is
+        # saved. Strong (a producer rule, an op that says what it is) beats the saving
+        # module's rule; weak (a guess from the ops around it) only fills in for no rule.
+        self._producers: dict[int, tuple[weakref.ref, str, bool]] = {}
 
     def set_plan(self, plan: ActivationPlan) -> None:
         """Use ``plan``'s rules from now on (kinds are resolved again)."""
@@ -167,11 +170,21 @@ class ModuleTracker:
             where.pop()
             if stack.pop() is module:
                 break
+        if isinstance(output, (tuple, list)) and output:
+            output = output[0]  # e.g. a decoder layer returning (hidden_states, ...)
         if isinstance(output, torch.Tensor):
             entry = self._info.get(id(module))
             if entry is not None and entry[1][2] is not None and entry[0]() is module:
-                key = id(output)
-                self._producers[key] = (weakref.ref(output, self._forget(key)), entry[1][2])
+                self.tag(output, entry[1][2], True)
+
+    def tag(self, t: torch.Tensor, kind: str, strong: bool) -> None:
+        """Give tensor ``t`` ``kind`` wherever it is saved (see ``_producers``); a weak
+        tag never replaces a strong one."""
+        key = id(t)
+        old = self._producers.get(key)
+        if not strong and old is not None and old[2] and old[0]() is t:
+            return
+        self._producers[key] = (weakref.ref(t, self._forget(key)), kind, strong)
 
     def _forget(self, key: int):
         table = self._producers
@@ -217,6 +230,15 @@ class ModuleTracker:
 
         return drop
 
+    def where_named(self) -> tuple[str, str, bool]:
+        """:meth:`where`, and whether a rule named that kind (not a fallback)."""
+        where = self._where
+        return where[-1] if where else ("<no module>", "other", False)
+
+    def own_kind(self, m: nn.Module) -> str | None:
+        """The kind a rule gives module ``m`` itself (None if no rule names it)."""
+        return self._module_info(m)[1]
+
     def where(self) -> tuple[str, str]:
         """(FQN, kind) of the innermost module with a kind on the stack (else the
         innermost module's FQN and ``"other"``)."""
@@ -226,10 +248,11 @@ class ModuleTracker:
             return w[0], w[1]
         return "<no module>", "other"
 
-    def producer(self, t: torch.Tensor) -> str | None:
-        """The kind a producer rule gave ``t`` (e.g. the embedding's output), if any."""
+    def producer(self, t: torch.Tensor) -> tuple[str, bool] | None:
+        """(kind, strong) a producer rule or an op gave ``t`` (e.g. the embedding's
+        output), if any."""
         entry = self._producers.get(id(t))
-        return entry[1] if entry is not None and entry[0]() is t else None
+        return (entry[1], entry[2]) if entry is not None and entry[0]() is t else None
 
     # ------------------------------------------------------------------- statics
 

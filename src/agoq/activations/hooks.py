@@ -113,7 +113,7 @@ def _global_pre_hook(module: torch.nn.Module, args: Any) -> None:
         return
     stack = getattr(_LOCAL, "stack", None)
     if stack:
-        stack[-1]._tracker.pre(module)
+        stack[-1]._module_pre(module, args)
 
 
 def _global_post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -121,7 +121,7 @@ def _global_post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
         return
     stack = getattr(_LOCAL, "stack", None)
     if stack:
-        stack[-1]._tracker.post(module, output)
+        stack[-1]._module_post(module, output)
 
 
 _MODULE_HOOKS = GlobalModuleHooks(_global_pre_hook, _global_post_hook)
@@ -217,7 +217,10 @@ def compiled_spec(
                 src = next((u for u in node.users if u.meta.get("nn_module_stack")), node)
             path, cls = _module_of(src)
             # Rules match on the class name: an empty instance of a same-named class will do.
-            kind = plan.kind_of(path, type(cls or "Module", (), {})()) or "other"
+            # A value made in a decoder layer itself (not in a submodule) is its residual
+            # stream: the layer's producer rule names it.
+            fake = type(cls or "Module", (), {})()
+            kind = plan.kind_of(path, fake) or plan.producer_kind(path, fake) or "other"
     action = plan.action(kind)
     if action == "recompute":
         action = plan.fallback

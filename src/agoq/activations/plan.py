@@ -39,7 +39,9 @@ Action = QuantSpec | Literal["keep", "recompute"]
 KINDS: dict[str, str] = {
     "norm_input": "input of an RMSNorm/LayerNorm (the residual stream)",
     "attn_proj_input": "input of the Q/K/V projections (the attention norm's output)",
+    "qk_norm_input": "input of a per-head q/k norm inside attention (Qwen3, Gemma3)",
     "attn_internals": "what attention saves: rotated q/k, v, its output, logsumexp",
+    "attn_probs": "attention probabilities of an explicit softmax (eager attention)",
     "attn_out_input": "input of the attention output projection",
     "mlp_up_input": "input of the MLP gate/up projections (the MLP norm's output)",
     "swiglu_input": "what the MLP activation saves: gate/up outputs and their products",
@@ -80,9 +82,14 @@ class KindRule:
 _SEG = r"(?:^|\.)"
 DEFAULT_RULES: tuple[KindRule, ...] = (
     KindRule("embedding_output", _SEG + r"(tok_embeddings|embed_tokens|wte)$", producer=True),
+    # A decoder layer's output is the residual stream (what HF gradient checkpointing saves).
+    KindRule("norm_input", _SEG + r"(layers|h|blocks)\.\d+$", producer=True),
+    KindRule(
+        "qk_norm_input", _SEG + r"(q_norm|k_norm|q_layernorm|k_layernorm|query_norm|key_norm)$"
+    ),
     KindRule(
         "norm_input",
-        _SEG + r"(attention_norm|ffn_norm|norm|input_layernorm|post_attention_layernorm|ln_f)$",
+        _SEG + r"(\w*norm|ln_f|ln_\d+)$",
         classes=("RMSNorm", "LayerNorm", "LlamaRMSNorm"),
     ),
     KindRule(
@@ -277,7 +284,9 @@ class ActivationPlan:
             "norm_input": residual,
             "embedding_output": residual,
             "attn_proj_input": "recompute",
+            "qk_norm_input": QuantSpec(bits=8, format="int", block=block, scale_dtype=scale_dtype),
             "attn_internals": "keep",
+            "attn_probs": QuantSpec(bits=8, format="int", block=block, scale_dtype=scale_dtype),
             "attn_out_input": spec,
             "mlp_up_input": "recompute",
             "swiglu_input": spec,
@@ -363,7 +372,15 @@ class ActivationPlan:
         m = n_microbatches if n_microbatches is not None else max(num_stages * stages_per_rank, 1)
         counts = inflight_microbatches(schedule, num_stages, m, stages_per_rank=stages_per_rank)
         bits = stage_bits(counts, base_bits=base_bits)[stage_index]
-        return self if bits == base_bits else self.with_bits(base_bits, bits)
+        if bits == base_bits:
+            return self
+        plan = self.with_bits(base_bits, bits)
+        # Kinds the plan already stores finer than base_bits (int8 q/k norm inputs, eager
+        # attention probabilities) get at least the stage's bits too.
+        for old in sorted({a.bits for a in plan.kinds.values() if isinstance(a, QuantSpec)}):
+            if base_bits < old < bits:
+                plan = plan.with_bits(old, bits)
+        return plan
 
     # ------------------------------------------------------------- from config
 

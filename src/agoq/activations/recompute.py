@@ -64,7 +64,47 @@ _ACTIVATIONS: dict[Callable, Callable] = {
     F.relu: lambda x: F.relu(x),
 }
 _MULS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
-_WATCHED = frozenset({F.rms_norm, *_ACTIVATIONS, *_MULS})
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
+_CASTS = {
+    torch.Tensor.to,
+    torch.Tensor.float,
+    torch.Tensor.bfloat16,
+    torch.Tensor.half,
+    torch.Tensor.type_as,
+}
+# Geometry changes: the copy a reshape of a transposed tensor makes keeps its tag (the
+# attention output, head-major, copied into the out-projection's input).
+_RESHAPES = {
+    torch.Tensor.reshape,
+    torch.reshape,
+    torch.Tensor.contiguous,
+    torch.Tensor.flatten,
+    torch.flatten,
+}
+_SDPA = F.scaled_dot_product_attention
+_WATCHED = frozenset({F.rms_norm, *_ACTIVATIONS, *_MULS, *_SOFTMAX, *_CASTS, *_RESHAPES, _SDPA})
+
+
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (the recipe of a cast)."""
+    return x.to(dtype)
+
+
+class Tagger:
+    """What the recipe mode tells the context about the ops it sees (see ActivationContext):
+    ``tag(t, kind, strong)`` names the kind of a tensor wherever it is saved (strong: over
+    the saving module's rule), ``tag_of(t)`` reads it back, ``op(kind, strong)`` is a
+    context manager naming the kind of what an op saves while it runs (an attention op's
+    internals, a softmax's output)."""
+
+    def tag(self, t: torch.Tensor, kind: str, strong: bool) -> None:  # noqa: D102
+        raise NotImplementedError
+
+    def tag_of(self, t: torch.Tensor) -> tuple[str, bool] | None:  # noqa: D102
+        raise NotImplementedError
+
+    def op(self, kind: str, strong: bool) -> Any:  # noqa: D102
+        raise NotImplementedError
 
 
 class Recipes:
@@ -74,19 +114,37 @@ class Recipes:
     had when the op ran: an in-place change of either makes the rebuild wrong."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, int, Callable, tuple, tuple]] = {}
+        self._entries: dict[int, tuple[weakref.ref, int, Callable, tuple, tuple, Any]] = {}
+        # id(out.grad_fn) -> id(out): finds the tensor behind an autograd node (autocast's
+        # cast of a norm output saves a copy whose grad_fn points at the output's node).
+        # The entry holds the node, so its Python object (and id) stays the same.
+        self._nodes: dict[int, int] = {}
 
     def add(self, out: torch.Tensor, fn: Callable, args: tuple) -> None:
         """Record that ``out == fn(*args)``."""
         key = id(out)
+        node = out.grad_fn
+        entries, nodes = self._entries, self._nodes
 
         def drop(wr: weakref.ref, key: int = key) -> None:
-            entry = self._entries.get(key)
+            entry = entries.get(key)
             if entry is not None and entry[0] is wr:
-                del self._entries[key]
+                del entries[key]
+                if entry[5] is not None and nodes.get(id(entry[5])) == key:
+                    del nodes[id(entry[5])]
 
         versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
-        self._entries[key] = (weakref.ref(out, drop), out._version, fn, args, versions)
+        entries[key] = (weakref.ref(out, drop), out._version, fn, args, versions, node)
+        if node is not None:
+            nodes[id(node)] = key
+
+    def source_of(self, node: Any) -> torch.Tensor | None:
+        """The live tensor with a recipe whose grad_fn is ``node``, if any."""
+        key = self._nodes.get(id(node))
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None or entry[5] is not node:
+            return None
+        return entry[0]()
 
     def get(self, t: torch.Tensor) -> tuple[Callable, tuple] | None:
         """The recipe of ``t`` if one was recorded for this very tensor and nothing it
@@ -94,7 +152,7 @@ class Recipes:
         entry = self._entries.get(id(t))
         if entry is None or entry[0]() is not t or entry[1] != t._version:
             return None
-        _, _, fn, args, versions = entry
+        _, _, fn, args, versions, _ = entry
         for a, v in zip(args, versions, strict=True):
             if v is not None and a._version != v:
                 return None
@@ -107,10 +165,13 @@ class Recipes:
 class RecipeMode(TorchFunctionMode):
     """Records recipes for cheap ops while the activation context is active."""
 
-    def __init__(self, recipes: Recipes, enabled: Callable[[], bool]) -> None:
+    def __init__(
+        self, recipes: Recipes, enabled: Callable[[], bool], tagger: Tagger | None = None
+    ) -> None:
         super().__init__()
         self.recipes = recipes
         self.enabled = enabled
+        self.tagger = tagger
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         # Every torch call (and tensor attribute read) comes through here while the mode
@@ -131,16 +192,59 @@ class RecipeMode(TorchFunctionMode):
                 )
             return out
         if func in _MULS and len(args) == 2 and not kwargs:
-            out = func(*args)
             a, b = args
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+                return func(*args)
+            ra, rb = self.recipes.get(a) is not None, self.recipes.get(b) is not None
+            if self.tagger is not None and ra != rb:
+                # act(gate) * up: the other factor is the MLP activation's input, by what
+                # it is (named before the mul saves it), the product the down projection's.
+                self.tagger.tag(b if ra else a, "swiglu_input", False)
+            out = func(*args)
+            if (ra or rb) and isinstance(out, torch.Tensor) and out.requires_grad:
+                self.recipes.add(out, _mul, (a, b))
+                if self.tagger is not None and ra != rb:
+                    self.tagger.tag(out, "mlp_down_input", False)
+            return out
+        tagger = self.tagger
+        if func in _CASTS:
+            out = func(*args, **kwargs)
+            x = args[0] if args else None
             if (
                 isinstance(out, torch.Tensor)
+                and isinstance(x, torch.Tensor)
+                and out is not x
                 and out.requires_grad
-                and isinstance(a, torch.Tensor)
-                and isinstance(b, torch.Tensor)
-                and (self.recipes.get(a) is not None or self.recipes.get(b) is not None)
+                and out.device == x.device
+                and out.shape == x.shape
+                and out.dtype != x.dtype
             ):
-                self.recipes.add(out, _mul, (a, b))
+                self.recipes.add(out, cast, (x, out.dtype))
+                tag = tagger.tag_of(x) if tagger is not None else None
+                if tag is not None:
+                    tagger.tag(out, *tag)
+            return out
+        x = args[0] if args else None
+        if func in _RESHAPES:
+            out = func(*args, **kwargs)
+            if tagger is not None and isinstance(x, torch.Tensor) and out is not x:
+                tag = tagger.tag_of(x)
+                if tag is not None and isinstance(out, torch.Tensor):
+                    tagger.tag(out, *tag)
+            return out
+        if func in _SOFTMAX and tagger is not None and isinstance(x, torch.Tensor) and x.dim() >= 3:
+            # Attention probabilities (batch, heads, q, k); a router's softmax is 2-D. The
+            # softmax saves its output while it runs: its saves are named while it runs.
+            with tagger.op("attn_probs", True):
+                out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor):
+                tagger.tag(out, "attn_probs", True)
+            return out
+        if func is _SDPA and tagger is not None:
+            with tagger.op("attn_internals", False):
+                out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor):
+                tagger.tag(out, "attn_out_input", False)
             return out
         return func(*args, **kwargs)
 

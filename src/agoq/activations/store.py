@@ -162,6 +162,21 @@ class Recipe(_Built):
             return self.fn(*[a.get() if isinstance(a, Handle) else a for a in self.args])
 
 
+class Replayed(_Built):
+    """A tensor a rebuilt module's forward saved: the ``index``-th save of ``call``
+    (an :class:`~agoq.activations.rebuild.ModuleCall`), replayed from its stored input."""
+
+    __slots__ = ("call", "index")
+
+    def __init__(self, call: Any, index: int, source: torch.Tensor) -> None:
+        super().__init__(source)
+        self.call = call
+        self.index = index
+
+    def _build(self) -> torch.Tensor:
+        return self.call.value(self.index)
+
+
 class FromParameter(_Built):
     """A copy of a parameter (autocast's cast, a view of it): stores nothing and rebuilds
     it exactly from the parameter, whose version is checked like a saved tensor's."""

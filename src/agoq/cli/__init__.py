@@ -1,4 +1,4 @@
-"""The ``agoq`` command: ``agoq demo``, ``agoq plan`` and ``agoq bench``.
+"""The ``agoq`` command: ``agoq demo``, ``agoq plan``, ``agoq bench`` and ``agoq explain``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``. Building the parser imports every subcommand module, so those keep
@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "predict per-GPU memory (weights, gradients, optimizer, activations) for a layout",
     ),
     "bench": ("agoq.cli.bench", "run the benchmark scripts and refresh docs/benchmarks.md"),
+    "explain": (
+        "agoq.cli.explain",
+        "show which kind, format and mode each saved activation of a model gets",
+    ),
 }
 
 

@@ -12,6 +12,9 @@ Bit layout (shared by every backend, bit for bit):
   bytes are contiguous. Payload bytes are exactly ``padded_numel * bits / 8``.
 * A block containing NaN or +-Inf stores a NaN scale, so the whole block dequantizes to NaN:
   non-finite input never comes back finite.
+* A DTensor is quantized through its local tensor (each rank stores its own shard, so the
+  byte count is the local one); dequantize rebuilds the DTensor on the same mesh, with the
+  same placements, global shape and stride.
 """
 
 from __future__ import annotations
@@ -35,6 +38,26 @@ _SLAB_ELEMENTS = 1 << 18
 # NaN): the activation context keeps float64 tensors as they are.
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+try:  # torch built without distributed support has no DTensor: nothing to unwrap
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
+
+@dataclass(frozen=True)
+class DTensorLayout:
+    """Where a quantized DTensor's local tensor belongs: mesh, placements, global geometry."""
+
+    mesh: object
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+
+def is_dtensor(x: object) -> bool:
+    """True when ``x`` is a ``torch.distributed.tensor.DTensor``."""
+    return _DTensor is not None and isinstance(x, _DTensor)
+
 
 @dataclass(frozen=True, eq=False)
 class Packed:
@@ -42,6 +65,8 @@ class Packed:
 
     ``payload`` holds the bit-packed codes (uint8), ``scales`` one scale per block.
     ``dequantize`` returns a tensor with the original ``dtype``, ``shape`` and ``stride``.
+    For a DTensor, ``shape``/``stride`` are its local tensor's and ``dtensor`` says how to
+    rebuild the DTensor around it.
     """
 
     payload: torch.Tensor
@@ -51,6 +76,7 @@ class Packed:
     stride: tuple[int, ...]
     dtype: torch.dtype
     memory_order: bool
+    dtensor: DTensorLayout | None = None
 
     @property
     def numel(self) -> int:
@@ -151,6 +177,10 @@ def _validate_full(p: Packed) -> None:
         raise _bad("dtype", f"must be one of {list(_FLOAT_DTYPES)}, got {p.dtype!r}")
     if not isinstance(p.memory_order, bool):
         raise _bad("memory_order", f"must be a bool, got {p.memory_order!r}")
+    if p.dtensor is not None and not isinstance(p.dtensor, DTensorLayout):
+        raise TypeError(
+            f"agoq.dequantize: Packed.dtensor must be a DTensorLayout or None, got {p.dtensor!r}"
+        )
     payload, scales, spec = p.payload, p.scales, p.spec
     if payload.dtype != torch.uint8:
         raise _bad("payload", f"must be uint8, got {payload.dtype}")
@@ -540,6 +570,12 @@ def quantize(
     ``"torch"`` forces the pure-torch reference and ``"triton"`` the Triton kernels. The
     payload and scales are views of one buffer (the op's wire row).
     """
+    layout = None
+    if is_dtensor(x):
+        # Quantize this rank's shard; a plain tensor op on the DTensor itself would mix
+        # DTensor and torch.Tensor arguments (aten.copy_ refuses that).
+        layout = DTensorLayout(x.device_mesh, tuple(x.placements), x.shape, tuple(x.stride()))
+        x = x.detach().to_local()
     check_quantizable(x)
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be an agoq QuantSpec, got {type(spec).__name__}")
@@ -571,6 +607,7 @@ def quantize(
         stride=tuple(x.stride()),
         dtype=x.dtype,
         memory_order=memory_order,
+        dtensor=layout,
     )
     if not torch.compiler.is_compiling():
         _TRUSTED.add(packed)
@@ -578,7 +615,8 @@ def quantize(
 
 
 def dequantize(p: Packed, *, backend: Backend = "auto") -> torch.Tensor:
-    """Rebuild the tensor a :class:`Packed` came from (original dtype, shape and strides)."""
+    """Rebuild the tensor a :class:`Packed` came from (original dtype, shape and strides;
+    a DTensor again for a quantized DTensor)."""
     if not isinstance(p, Packed):
         raise TypeError(f"agoq.dequantize expects a Packed, got {type(p).__name__}")
     _validate_packed(p)
@@ -595,4 +633,10 @@ def dequantize(p: Packed, *, backend: Backend = "auto") -> torch.Tensor:
         flat = ops.dequantize_rows(
             p.payload.view(1, -1), p.scales.view(1, -1), p.spec, p.numel, p.dtype
         ).view(-1)
-    return _restore(flat, p)
+    out = _restore(flat, p)
+    if p.dtensor is not None:
+        lay = p.dtensor
+        out = _DTensor.from_local(
+            out, lay.mesh, lay.placements, run_check=False, shape=lay.shape, stride=lay.stride
+        )
+    return out
