@@ -675,6 +675,12 @@ def write_hf_section(raw: dict, summary: dict, command: str) -> str:
             + ", ".join(f"{d:+.4f}" for d in ev["diffs"])
             + f". Final training loss {s['train']['rel']:+.2%}."
         )
+        if not (all(d > 0 for d in ev["diffs"]) or all(d < 0 for d in ev["diffs"])):
+            verdicts[-1] += (
+                " The paired differences change sign across seeds: this many seeds do not "
+                "resolve a difference of this size (the baseline's own held-out seed "
+                f"spread is {summary['baseline']['eval']['max'] - summary['baseline']['eval']['min']:.4f})."
+            )
     finite = all(s["finite"] for s in summary.values())
     body = "\n".join(
         [
