@@ -287,3 +287,19 @@ def test_in_place_activation_module_is_not_rebuilt():
     y.pow(2).sum().backward()
     assert ctx.report.total().modes.get("recomputed", 0) == 0
     assert torch.allclose(lin.weight.grad, ref, rtol=0.02, atol=1e-3 * ref.abs().max().item())
+
+
+def test_module_with_its_own_hooks_is_not_rebuilt():
+    """A replay runs forward() only: a module whose own hooks change its input (as tensor
+    parallel's do) would be replayed on the wrong tensor, so it is not rebuilt."""
+    norm = HandNorm(DIM)
+    norm.register_forward_pre_hook(lambda m, args: (args[0] * 2.0,))
+    x = torch.randn(4, 16, DIM, requires_grad=True)
+    with quantize_activations(INT8) as ctx:
+        y = norm(x)
+    assert ctx.report.total().modes.get("recomputed", 0) == 0
+    (y * y.detach()).sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    y_ref = norm(ref)
+    (y_ref * y_ref.detach()).sum().backward()
+    assert torch.allclose(x.grad, ref.grad, rtol=0.05, atol=1e-3 * ref.grad.abs().max().item())

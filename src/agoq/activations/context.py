@@ -24,7 +24,7 @@ from torch import nn
 from ..memory import MemoryReport
 from ..quant import QuantSpec, quantize
 from ..quant.codec import is_dtensor
-from ._compat import no_static_hooks_filtering, top_saved_tensors_hooks
+from ._compat import has_own_hooks, no_static_hooks_filtering, top_saved_tensors_hooks
 from .classify import _CHAIN_NODES, ModuleTracker, parameter_source
 from .dtensor import pack_dtensor
 from .hooks import hook_pair, pop_active, push_active
@@ -160,6 +160,8 @@ class ActivationContext:
             return
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.dtype not in _CODEC_DTYPES:
+            return
+        if has_own_hooks(module):  # a replay of forward() would skip them
             return
         role = cached_role(module, x)
         if role is None or not self._hooks_on_top():

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.codec import is_dtensor
 from .store import Handle
 
 # Never rebuilt: they draw random numbers or keep running statistics.
@@ -59,10 +60,17 @@ def _probe_input(x: torch.Tensor) -> torch.Tensor:
     shape = (2,) + (1,) * (x.dim() - 2) + (d,) if x.dim() >= 2 else (d,)
     n = math.prod(shape)
     v = torch.arange(n, device=x.device, dtype=torch.float32)
-    return (torch.sin(v * 0.7 + 0.2) * 2.0 + 0.1).reshape(shape).to(x.dtype)
+    p = (torch.sin(v * 0.7 + 0.2) * 2.0 + 0.1).reshape(shape).to(x.dtype)
+    if is_dtensor(x):  # tensor/sequence parallel: probe on the same mesh and placements
+        from torch.distributed.tensor import DTensor
+
+        p = DTensor.from_local(p, x.device_mesh, x.placements, run_check=False)
+    return p
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if is_dtensor(a):  # every rank probes the same module at the same call: symmetric
+        a, b = a.full_tensor(), b.full_tensor()
     a, b = a.float(), b.float()
     scale = float(b.abs().max()) if b.numel() else 0.0
     return bool(torch.allclose(a, b, rtol=3e-2, atol=3e-2 * scale + 1e-6))
