@@ -206,9 +206,10 @@ class ModuleCall:
             return self.module.forward(x, *self.args, **self.kwargs)
 
     def output(self, x: torch.Tensor) -> Any:
-        """The module's output for input ``x``, without grad (rebuilds the GEMM input)."""
-        with torch.no_grad():
-            return self._run(x)
+        """The module's output for input ``x`` (the GEMM input that follows a norm), from
+        the same replay that rebuilds its saved tensors: the GEMM's backward asks for it
+        just before the module's own backward, so the module runs once in backward."""
+        return self._replay(x).detach()
 
     def value(self, index: int) -> torch.Tensor:
         """The ``index``-th tensor the forward saved, from a replay of the forward."""
@@ -218,16 +219,16 @@ class ModuleCall:
             v = self._values.pop(index)
         return v
 
-    def _replay(self) -> None:
+    def _replay(self, x: torch.Tensor | None = None) -> Any:
         captured: list[torch.Tensor] = []
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             captured.append(t)
             return t
 
-        x = self.input.get().detach().requires_grad_(self.requires_grad)
+        x = (self.input.get() if x is None else x).detach().requires_grad_(self.requires_grad)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _identity):
-            self._run(x)
+            out = self._run(x)
         got = [(t.shape, t.dtype) for t in captured]
         if got != self.saves:
             raise RuntimeError(
@@ -238,6 +239,7 @@ class ModuleCall:
                 "ActivationPlan(recompute=False), or report it."
             )
         self._values = dict(enumerate(captured))
+        return out
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
