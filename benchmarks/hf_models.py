@@ -23,6 +23,7 @@ import copy
 import warnings
 
 import torch
+from _act_memory import SavedCounter
 
 from _report import machine, table, today, write_section
 from agoq import ActivationPlan, quantize_activations
@@ -57,21 +58,6 @@ def build(family: str, layers: int = 4, attn: str = "sdpa", dtype=torch.bfloat16
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).train()
-
-
-class SavedCounter:
-    """Independent of agoq: bytes of distinct non-parameter tensors autograd saves."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._seen: dict[int, torch.Tensor] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if not isinstance(base, torch.nn.Parameter) and id(base) not in self._seen:
-            self._seen[id(base)] = base
-            self.bytes += base.numel() * base.element_size()
-        return t
 
 
 def _step(model, ids, plan=None, counter=None):
