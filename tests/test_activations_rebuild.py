@@ -303,3 +303,37 @@ def test_module_with_its_own_hooks_is_not_rebuilt():
     y_ref = norm(ref)
     (y_ref * y_ref.detach()).sum().backward()
     assert torch.allclose(x.grad, ref.grad, rtol=0.05, atol=1e-3 * ref.grad.abs().max().item())
+
+
+def test_nan_in_a_rebuilt_norm_input_reaches_the_gradients():
+    norm = HandNorm(DIM)
+    x = torch.randn(4, 16, DIM)
+    x[1, 3, 5] = float("nan")
+    x.requires_grad_()
+    with quantize_activations(ActivationPlan.agoq()) as ctx:
+        y = norm(x)
+    assert ctx.report.total().modes["recomputed"] > 0
+    (y.nan_to_num() * torch.randn_like(y)).sum().backward()
+    assert torch.isnan(norm.scale.grad).any()
+    assert torch.isnan(x.grad[1, 3]).all() and torch.isfinite(x.grad[0]).all()
+
+
+def test_context_made_every_step_probes_once():
+    from agoq.activations import rebuild
+
+    net, tok = _net(), _tok()
+    calls = []
+    real = rebuild.role_of
+
+    def counting(module, x):
+        calls.append(type(module).__name__)
+        return real(module, x)
+
+    rebuild.role_of = counting
+    try:
+        for _ in range(3):
+            _grads(net, tok, ActivationPlan.agoq())
+    finally:
+        rebuild.role_of = real
+    # HandNorm x 5, Swish x 2 (plus the other leaves once each) probed in the first step only
+    assert calls.count("HandNorm") == 5 and calls.count("Swish") == 2
