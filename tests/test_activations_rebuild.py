@@ -337,3 +337,24 @@ def test_context_made_every_step_probes_once():
         rebuild.role_of = real
     # HandNorm x 5, Swish x 2 (plus the other leaves once each) probed in the first step only
     assert calls.count("HandNorm") == 5 and calls.count("Swish") == 2
+
+
+def test_held_bytes_after_forward_match_the_report():
+    """Nothing agoq records holds tensors beyond what the report counts (a recipe of a cast
+    once held rotary's q alive: 1.5x the reported bytes). Checked with torch's MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from agoq.models.llama import build
+
+    torch.manual_seed(0)
+    model = build("tiny", dim=128, n_layers=2, vocab_size=VOCAB).bfloat16()
+    tok = _tok(batch=2, seq=129)
+    mt = MemTracker()
+    mt.track_external(model)
+    with mt:
+        with quantize_activations(ActivationPlan.agoq()) as ctx:
+            logits = model(tok[:, :-1])
+        snap = mt.get_tracker_snapshot()
+    held = sum(v for k, v in snap[torch.device("cpu")].items() if "ACT" in str(k))
+    expected = ctx.report.stored_bytes + logits.nbytes
+    assert abs(held - expected) <= 0.02 * expected, (held, expected)

@@ -230,6 +230,11 @@ class ActivationContext:
         """The tag of ``t`` (kind, strong), if any."""
         return self._tracker.producer(t)
 
+    def stored(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` (or the tensor it views) is stored in this context already."""
+        base = t._base if t._base is not None else t
+        return self._table.get(base) is not None
+
     def op(self, kind: str, strong: bool) -> _OpKind:
         """While an op runs: what it saves is ``kind`` (strong: over the module rule)."""
         if kind == "attn_internals":
