@@ -358,3 +358,25 @@ def test_held_bytes_after_forward_match_the_report():
     held = sum(v for k, v in snap[torch.device("cpu")].items() if "ACT" in str(k))
     expected = ctx.report.stored_bytes + logits.nbytes
     assert abs(held - expected) <= 0.02 * expected, (held, expected)
+
+
+def test_replays_leave_nothing_alive_across_steps():
+    """A replay's own graph must die with it: a saved output packed as itself would be a
+    reference cycle inside autograd (invisible to Python's collector), a leak per call."""
+    import gc
+
+    net, tok = _net(), _tok()
+
+    def live() -> int:
+        gc.collect()
+        return sum(
+            1
+            for o in gc.get_objects()
+            if isinstance(o, torch.Tensor) and not isinstance(o, nn.Parameter)
+        )
+
+    _grads(net, tok, ActivationPlan.agoq())
+    before = live()
+    for _ in range(3):
+        _grads(net, tok, ActivationPlan.agoq())
+    assert live() <= before + 2  # the last step's gradients replace the first's

@@ -223,8 +223,13 @@ class ModuleCall:
         captured: list[torch.Tensor] = []
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            captured.append(t)
-            return t
+            # Detached, both kept and handed back: the replay's own graph is never run
+            # backward, and a saved *output* packed as itself would make a cycle
+            # node -> saved tensor -> grad_fn -> node inside autograd's C++ objects, which
+            # Python's collector cannot see (the whole replay leaked at every call).
+            d = t.detach()
+            captured.append(d)
+            return d
 
         x = (self.input.get() if x is None else x).detach().requires_grad_(self.requires_grad)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _identity):
