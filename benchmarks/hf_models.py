@@ -55,6 +55,7 @@ def build(family: str, layers: int = 4, attn: str = "sdpa", dtype=torch.bfloat16
         vocab_size=VOCAB,
         max_position_embeddings=1024,
         attn_implementation=attn,
+        use_cache=False,  # training: no KV cache (dynamo would guard on each layer's index)
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).train()
@@ -130,6 +131,7 @@ def compiled_rows(ids, unit: int) -> list[list[object]]:
         for plan in (None, ActivationPlan.agoq()):
             held = {}
             for layers in (2, 4):
+                torch._dynamo.reset()  # each model compiles afresh, within the recompile limit
                 model = copy.deepcopy(build("llama", layers=layers))
                 if how == "per-layer compile":
                     for layer in model.model.layers:
