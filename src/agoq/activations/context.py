@@ -181,7 +181,7 @@ class ActivationContext:
         if prod is not None and prod[1]:  # e.g. the embedding's output: its kind wins
             kind = prod[0]
         handle = self._pack(x, kind)
-        self._call = ModuleCall(module, handle, x, (), {})
+        self._call = ModuleCall(module, handle, x)
         self._call_x = x
         self._call_role = role
         self._call_kind = kind

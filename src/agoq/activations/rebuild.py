@@ -169,28 +169,22 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype, bool]:
 
 
 class ModuleCall:
-    """One call of a rebuilt module: its stored input, the other arguments, the autocast
-    state, and the (shape, dtype) of each tensor its forward saved, in order."""
+    """One call of a rebuilt module: its stored input, the autocast state, and the
+    (shape, dtype) of each tensor its forward saved, in order."""
 
     __slots__ = (
         "module",
         "input",
         "requires_grad",
-        "args",
-        "kwargs",
         "autocast",
         "saves",
         "_values",
     )
 
-    def __init__(
-        self, module: nn.Module, input_handle: Handle, x: torch.Tensor, args: tuple, kwargs: dict
-    ) -> None:
+    def __init__(self, module: nn.Module, input_handle: Handle, x: torch.Tensor) -> None:
         self.module = module
         self.input = input_handle
         self.requires_grad = x.requires_grad
-        self.args = args
-        self.kwargs = kwargs
         devices = {"cpu", x.device.type}
         self.autocast = [_autocast_state(d) for d in sorted(devices)]
         self.saves: list[tuple[torch.Size, torch.dtype]] = []
@@ -203,7 +197,7 @@ class ModuleCall:
 
     def _run(self, x: torch.Tensor) -> Any:
         with _Autocast(self.autocast):
-            return self.module.forward(x, *self.args, **self.kwargs)
+            return self.module.forward(x)
 
     def output(self, x: torch.Tensor) -> Any:
         """The module's output for input ``x`` (the GEMM input that follows a norm), from
