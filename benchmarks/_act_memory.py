@@ -27,6 +27,21 @@ import torch
 CHILD_FLAG = "--memory-child"
 
 
+class SavedCounter:
+    """Independent of agoq: bytes of distinct non-parameter tensors autograd saves."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: dict[int, torch.Tensor] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if not isinstance(base, torch.nn.Parameter) and id(base) not in self._seen:
+            self._seen[id(base)] = base  # holding it is what autograd does anyway
+            self.bytes += base.numel() * base.element_size()
+        return t
+
+
 def run_child(script: str, args: list[str]) -> dict:
     """Run ``script --memory-child ARGS`` with malloc pinned to mmap; its last stdout line
     is a JSON object, returned."""

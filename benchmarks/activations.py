@@ -26,6 +26,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from _act_memory import SavedCounter
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from _report import machine, table, today, write_section
@@ -55,21 +56,6 @@ def plans() -> dict[str, ActivationPlan | None]:
             kinds={**base.kinds, "attn_internals": INT8}, recompute=True, fallback=base.fallback
         ),
     }
-
-
-class SavedCounter:
-    """Independent of agoq: bytes of distinct non-parameter tensors autograd saves."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._seen: dict[int, torch.Tensor] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if not isinstance(base, torch.nn.Parameter) and id(base) not in self._seen:
-            self._seen[id(base)] = base  # holding it is what autograd does anyway
-            self.bytes += base.numel() * base.element_size()
-        return t
 
 
 def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import copy
 import warnings
 
 import torch
+from _act_memory import SavedCounter
 
 from _report import machine, table, today, write_section
 from agoq import ActivationPlan, quantize_activations
@@ -54,24 +55,10 @@ def build(family: str, layers: int = 4, attn: str = "sdpa", dtype=torch.bfloat16
         vocab_size=VOCAB,
         max_position_embeddings=1024,
         attn_implementation=attn,
+        use_cache=False,  # training: no KV cache (dynamo would guard on each layer's index)
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).train()
-
-
-class SavedCounter:
-    """Independent of agoq: bytes of distinct non-parameter tensors autograd saves."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._seen: dict[int, torch.Tensor] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if not isinstance(base, torch.nn.Parameter) and id(base) not in self._seen:
-            self._seen[id(base)] = base
-            self.bytes += base.numel() * base.element_size()
-        return t
 
 
 def _step(model, ids, plan=None, counter=None):
@@ -144,6 +131,7 @@ def compiled_rows(ids, unit: int) -> list[list[object]]:
         for plan in (None, ActivationPlan.agoq()):
             held = {}
             for layers in (2, 4):
+                torch._dynamo.reset()  # each model compiles afresh, within the recompile limit
                 model = copy.deepcopy(build("llama", layers=layers))
                 if how == "per-layer compile":
                     for layer in model.model.layers:

@@ -8,6 +8,7 @@
 * ``dtensor_local()``: a DTensor's own local tensor (the same object at every call; the
   public ``to_local()`` returns a new view each time, and the context keys its tables by
   tensor identity).
+* ``has_own_hooks(module)``: whether a module has forward (pre-)hooks of its own.
 * :class:`GlobalModuleHooks`: a global forward pre-hook and post-hook (always called)
   that can be installed and removed again and again *under the same keys*. Dynamo guards
   on the keys of torch's global hook dicts when it inlines a module call inside a compiled
@@ -56,6 +57,13 @@ def no_static_hooks_filtering() -> AbstractContextManager:
     """A context in which compiled regions apply saved-tensor hooks to every saved value
     except the region's static inputs (parameters, buffers)."""
     return torch._functorch.config.patch(saved_tensors_hooks_filtering_mode="no_static")
+
+
+def has_own_hooks(module: torch.nn.Module) -> bool:
+    """True when ``module`` has forward pre-hooks or forward hooks of its own (e.g. tensor
+    parallel's input/output redistribution): calling ``module.forward`` again would skip
+    them, so such a module is never replayed."""
+    return bool(module._forward_pre_hooks or module._forward_hooks)
 
 
 class GlobalModuleHooks:

@@ -24,7 +24,7 @@ from torch import nn
 from ..memory import MemoryReport
 from ..quant import QuantSpec, quantize
 from ..quant.codec import is_dtensor
-from ._compat import no_static_hooks_filtering, top_saved_tensors_hooks
+from ._compat import has_own_hooks, no_static_hooks_filtering, top_saved_tensors_hooks
 from .classify import _CHAIN_NODES, ModuleTracker, parameter_source
 from .dtensor import pack_dtensor
 from .hooks import hook_pair, pop_active, push_active
@@ -161,6 +161,8 @@ class ActivationContext:
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.dtype not in _CODEC_DTYPES:
             return
+        if has_own_hooks(module):  # a replay of forward() would skip them
+            return
         role = cached_role(module, x)
         if role is None or not self._hooks_on_top():
             return
@@ -179,7 +181,7 @@ class ActivationContext:
         if prod is not None and prod[1]:  # e.g. the embedding's output: its kind wins
             kind = prod[0]
         handle = self._pack(x, kind)
-        self._call = ModuleCall(module, handle, x, (), {})
+        self._call = ModuleCall(module, handle, x)
         self._call_x = x
         self._call_role = role
         self._call_kind = kind
@@ -227,6 +229,11 @@ class ActivationContext:
     def tag_of(self, t: torch.Tensor) -> tuple[str, bool] | None:
         """The tag of ``t`` (kind, strong), if any."""
         return self._tracker.producer(t)
+
+    def stored(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` (or the tensor it views) is stored in this context already."""
+        base = t._base if t._base is not None else t
+        return self._table.get(base) is not None
 
     def op(self, kind: str, strong: bool) -> _OpKind:
         """While an op runs: what it saves is ``kind`` (strong: over the module rule)."""

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.codec import is_dtensor
 from .store import Handle
 
 # Never rebuilt: they draw random numbers or keep running statistics.
@@ -59,10 +60,17 @@ def _probe_input(x: torch.Tensor) -> torch.Tensor:
     shape = (2,) + (1,) * (x.dim() - 2) + (d,) if x.dim() >= 2 else (d,)
     n = math.prod(shape)
     v = torch.arange(n, device=x.device, dtype=torch.float32)
-    return (torch.sin(v * 0.7 + 0.2) * 2.0 + 0.1).reshape(shape).to(x.dtype)
+    p = (torch.sin(v * 0.7 + 0.2) * 2.0 + 0.1).reshape(shape).to(x.dtype)
+    if is_dtensor(x):  # tensor/sequence parallel: probe on the same mesh and placements
+        from torch.distributed.tensor import DTensor
+
+        p = DTensor.from_local(p, x.device_mesh, x.placements, run_check=False)
+    return p
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if is_dtensor(a):  # every rank probes the same module at the same call: symmetric
+        a, b = a.full_tensor(), b.full_tensor()
     a, b = a.float(), b.float()
     scale = float(b.abs().max()) if b.numel() else 0.0
     return bool(torch.allclose(a, b, rtol=3e-2, atol=3e-2 * scale + 1e-6))
@@ -161,28 +169,22 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype, bool]:
 
 
 class ModuleCall:
-    """One call of a rebuilt module: its stored input, the other arguments, the autocast
-    state, and the (shape, dtype) of each tensor its forward saved, in order."""
+    """One call of a rebuilt module: its stored input, the autocast state, and the
+    (shape, dtype) of each tensor its forward saved, in order."""
 
     __slots__ = (
         "module",
         "input",
         "requires_grad",
-        "args",
-        "kwargs",
         "autocast",
         "saves",
         "_values",
     )
 
-    def __init__(
-        self, module: nn.Module, input_handle: Handle, x: torch.Tensor, args: tuple, kwargs: dict
-    ) -> None:
+    def __init__(self, module: nn.Module, input_handle: Handle, x: torch.Tensor) -> None:
         self.module = module
         self.input = input_handle
         self.requires_grad = x.requires_grad
-        self.args = args
-        self.kwargs = kwargs
         devices = {"cpu", x.device.type}
         self.autocast = [_autocast_state(d) for d in sorted(devices)]
         self.saves: list[tuple[torch.Size, torch.dtype]] = []
@@ -195,12 +197,13 @@ class ModuleCall:
 
     def _run(self, x: torch.Tensor) -> Any:
         with _Autocast(self.autocast):
-            return self.module.forward(x, *self.args, **self.kwargs)
+            return self.module.forward(x)
 
     def output(self, x: torch.Tensor) -> Any:
-        """The module's output for input ``x``, without grad (rebuilds the GEMM input)."""
-        with torch.no_grad():
-            return self._run(x)
+        """The module's output for input ``x`` (the GEMM input that follows a norm), from
+        the same replay that rebuilds its saved tensors: the GEMM's backward asks for it
+        just before the module's own backward, so the module runs once in backward."""
+        return self._replay(x).detach()
 
     def value(self, index: int) -> torch.Tensor:
         """The ``index``-th tensor the forward saved, from a replay of the forward."""
@@ -210,16 +213,21 @@ class ModuleCall:
             v = self._values.pop(index)
         return v
 
-    def _replay(self) -> None:
+    def _replay(self, x: torch.Tensor | None = None) -> Any:
         captured: list[torch.Tensor] = []
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            captured.append(t)
-            return t
+            # Detached, both kept and handed back: the replay's own graph is never run
+            # backward, and a saved *output* packed as itself would make a cycle
+            # node -> saved tensor -> grad_fn -> node inside autograd's C++ objects, which
+            # Python's collector cannot see (the whole replay leaked at every call).
+            d = t.detach()
+            captured.append(d)
+            return d
 
-        x = self.input.get().detach().requires_grad_(self.requires_grad)
+        x = (self.input.get() if x is None else x).detach().requires_grad_(self.requires_grad)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _identity):
-            self._run(x)
+            out = self._run(x)
         got = [(t.shape, t.dtype) for t in captured]
         if got != self.saves:
             raise RuntimeError(
@@ -230,6 +238,7 @@ class ModuleCall:
                 "ActivationPlan(recompute=False), or report it."
             )
         self._values = dict(enumerate(captured))
+        return out
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ class Tagger:
     ``tag(t, kind, strong)`` names the kind of a tensor wherever it is saved (strong: over
     the saving module's rule), ``tag_of(t)`` reads it back, ``op(kind, strong)`` is a
     context manager naming the kind of what an op saves while it runs (an attention op's
-    internals, a softmax's output)."""
+    internals, a softmax's output); ``stored(t)`` says whether ``t`` is stored already."""
 
     def tag(self, t: torch.Tensor, kind: str, strong: bool) -> None:  # noqa: D102
         raise NotImplementedError
@@ -104,6 +104,9 @@ class Tagger:
         raise NotImplementedError
 
     def op(self, kind: str, strong: bool) -> Any:  # noqa: D102
+        raise NotImplementedError
+
+    def stored(self, t: torch.Tensor) -> bool:  # noqa: D102
         raise NotImplementedError
 
 
@@ -218,6 +221,10 @@ class RecipeMode(TorchFunctionMode):
                 and out.device == x.device
                 and out.shape == x.shape
                 and out.dtype != x.dtype
+                # Only a cast of a tensor already stored or rebuilt: a recipe holds its
+                # inputs, and a cast of anything else (rotary's q.float()) would keep its
+                # source alive for as long as the cast lives.
+                and (self.recipes.get(x) is not None or (tagger is not None and tagger.stored(x)))
             ):
                 self.recipes.add(out, cast, (x, out.dtype))
                 tag = tagger.tag_of(x) if tagger is not None else None
