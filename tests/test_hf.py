@@ -7,7 +7,7 @@ attention. The reference is always the same model without agoq (same weights, sa
 Bound. fp4 E2M1 with one scale per 128-element block keeps about 10% relative RMS error
 per stored tensor. A weight gradient is its (4-bit) input times an output gradient that has
 crossed the other 4-bit saves above it, so errors of 1-3x that are expected: measured
-(module-level rebuild, main 2671b73) 0.08-0.15 over all parameters and at most 0.34 for one
+(module-level rebuild, main 13b7c40) 0.08-0.15 over all parameters and at most 0.34 for one
 parameter (the worst: Qwen3 under checkpointing, whose recompute starts from the 4-bit
 layer input; before the rebuild 0.13-0.19 and 0.31). tests/test_activations.py
 bounds the same plan on the reference LLaMA by 0.3 (0.35 under autocast) per parameter. We
