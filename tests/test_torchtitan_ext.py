@@ -366,6 +366,7 @@ def test_two_processes_pipeline_stage_aware(assets, tmp_path):
     print(f"2 processes PP 1F1B: agoq {on}\n                     off  {off}")
     _check_curves(on, off)
     # 1F1B, 2 ranks, 4 micro-batches: rank 0 holds 2 in flight, rank 1 one -> 4 / 8 bits
-    assert "pp rank 0/2, 1F1B, 4 micro-batches, 1 stage(s)/rank -> bits [4]" in log
+    # The plan's int8 kinds (q/k norm inputs, attention probabilities) stay int8.
+    assert "pp rank 0/2, 1F1B, 4 micro-batches, 1 stage(s)/rank -> bits [4, 8]" in log
     assert "pp rank 1/2, 1F1B, 4 micro-batches, 1 stage(s)/rank -> bits [8]" in log
     assert "8-bit gradient store peak" in log
