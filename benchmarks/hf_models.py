@@ -36,29 +36,21 @@ GOALS = {"llama": 5.5, "mistral": 5.5, "qwen2": 5.5, "qwen3": 6.5}
 
 def build(family: str, layers: int = 4, attn: str = "sdpa", dtype=torch.bfloat16):
     """An HF causal LM of ``family`` from a config, random init, in training mode."""
-    import transformers
+    from agoq.hf import causal_lm
 
-    cls = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-        "gemma": transformers.GemmaConfig,
-    }[family]
-    cfg = cls(
-        hidden_size=HIDDEN,
-        intermediate_size=MLP,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV,
-        head_dim=HEAD_DIM,
-        vocab_size=VOCAB,
-        max_position_embeddings=1024,
-        attn_implementation=attn,
-        use_cache=False,  # training: no KV cache (dynamo would guard on each layer's index)
-    )
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).train()
+    return causal_lm(
+        family,
+        hidden=HIDDEN,
+        intermediate=MLP,
+        layers=layers,
+        heads=HEADS,
+        kv_heads=KV,
+        head_dim=HEAD_DIM,
+        vocab=VOCAB,
+        attn=attn,
+        dtype=dtype,
+    )
 
 
 def _step(model, ids, plan=None, counter=None):

@@ -33,7 +33,54 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .activations import ActivationContext, ActivationPlan, quantize_activations
 
-__all__ = ["AgoqTrainer", "AgoqTrainerMixin"]
+__all__ = ["AgoqTrainer", "AgoqTrainerMixin", "FAMILIES", "causal_lm"]
+
+#: The HF families agoq's rules name, and their config classes.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+def causal_lm(
+    family: str,
+    *,
+    hidden: int = 256,
+    intermediate: int | None = None,
+    layers: int = 2,
+    heads: int = 8,
+    kv_heads: int = 4,
+    head_dim: int = 32,
+    vocab: int = 512,
+    max_positions: int = 1024,
+    attn: str = "sdpa",
+    dtype: Any = None,
+) -> Any:
+    """A small HF causal LM of ``family`` built from a config (random init, no hub), in
+    training mode and without a KV cache: what ``agoq explain --hf`` and the benchmarks
+    measure. ``intermediate`` defaults to about 8/3 x ``hidden``."""
+    import transformers
+
+    configs = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma": transformers.GemmaConfig,
+    }
+    if family not in configs:
+        raise ValueError(f"causal_lm: unknown family {family!r}; known: {list(configs)}")
+    cfg = configs[family](
+        hidden_size=hidden,
+        intermediate_size=intermediate or (hidden * 8 // 3 + 15) // 16 * 16,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        attn_implementation=attn,
+        use_cache=False,  # training: no KV cache (dynamo would guard on each layer's index)
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.train()
 
 
 class AgoqTrainerMixin:

@@ -12,7 +12,7 @@ import argparse
 
 from agoq.cli import user_error
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # agoq.hf.FAMILIES, unimported
 PLANS = ("agoq", "agoq-norm32", "keep")
 
 
@@ -29,31 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default="", help="only modules whose FQN starts with this")
 
 
-def _hf_model(args: argparse.Namespace, dtype):
-    import transformers
-
-    cls = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-        "gemma": transformers.GemmaConfig,
-    }[args.hf]
-    heads = max(args.hidden // 32, 1)
-    cfg = cls(
-        hidden_size=args.hidden,
-        intermediate_size=(args.hidden * 8 // 3 + 15) // 16 * 16,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(heads // 2, 1),
-        head_dim=32,
-        vocab_size=512,
-        max_position_embeddings=max(args.seq, 128),
-        attn_implementation=args.attn,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype), 512
-
-
 def run(args: argparse.Namespace) -> int:
     """Build the model, run one step inside the context and print the explanation."""
     import torch
@@ -67,9 +42,22 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     if args.hf:
         try:
-            model, vocab = _hf_model(args, dtype)
+            from agoq.hf import causal_lm
         except ImportError:
             return user_error("explain", "--hf needs transformers: pip install 'agoq[hf]'")
+        heads = max(args.hidden // 32, 1)
+        vocab = 512
+        model = causal_lm(
+            args.hf,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=heads,
+            kv_heads=max(heads // 2, 1),
+            vocab=vocab,
+            max_positions=max(args.seq, 128),
+            attn=args.attn,
+            dtype=dtype,
+        )
     else:
         from agoq.models.llama import build
 
