@@ -782,26 +782,10 @@ def main() -> None:
         raw["grad_errors"] = gradient_errors(argparse.Namespace(**raw["args"]))
         Path(args.raw).write_text(json.dumps(raw))
     summary = summarize(raw)
-    for name, s in summary.items():
-        ev, evr, evrel = _fmt(s["eval"])
-        tr, trr, trrel = _fmt(s["train"])
-        print(f"{name:28s} held-out {ev} [{evr}] {evrel} | train {tr} [{trr}] {trrel}")
+    _print_summary(summary)
     if args.no_write:
         return
-    ra = raw["args"]
-    command = "python benchmarks/convergence.py" + "".join(
-        f" --{k} {v}"
-        for k, v, d in (
-            ("steps", ra["steps"], 300),
-            ("model", ra["model"], "small"),
-            ("batch", ra["batch"], 16),
-            ("seq", ra["seq"], 128),
-            ("lr", ra["lr"], 3e-3),
-        )
-        if v != d
-    )
-    if ra["seeds"] != [0, 1, 2]:
-        command += " --seeds " + " ".join(str(s) for s in ra["seeds"])
+    command = _command(raw["args"], "python benchmarks/convergence.py")
     try:
         plot(raw, PNG)
     except ImportError:
@@ -810,17 +794,17 @@ def main() -> None:
     print(f"wrote {DOC.relative_to(ROOT)} and {PNG.relative_to(ROOT)}")
 
 
-def hf_main(raw: dict, args: argparse.Namespace) -> None:
-    """Summarize a HF family's runs and write its section of docs/results.md."""
-    summary = summarize(raw)
+def _print_summary(summary: dict) -> None:
+    """One line per config: held-out and training loss, spread and change vs baseline."""
     for name, s in summary.items():
         ev, evr, evrel = _fmt(s["eval"])
         tr, trr, trrel = _fmt(s["train"])
         print(f"{name:28s} held-out {ev} [{evr}] {evrel} | train {tr} [{trr}] {trrel}")
-    if args.no_write:
-        return
-    ra = raw["args"]
-    command = f"python benchmarks/convergence.py --family {ra['family']}" + "".join(
+
+
+def _command(ra: dict, prefix: str) -> str:
+    """The command line that reproduces a run with arguments ``ra`` (defaults left out)."""
+    command = prefix + "".join(
         f" --{k} {v}"
         for k, v, d in (
             ("steps", ra["steps"], 300),
@@ -833,6 +817,17 @@ def hf_main(raw: dict, args: argparse.Namespace) -> None:
     )
     if ra["seeds"] != [0, 1, 2]:
         command += " --seeds " + " ".join(str(x) for x in ra["seeds"])
+    return command
+
+
+def hf_main(raw: dict, args: argparse.Namespace) -> None:
+    """Summarize a HF family's runs and write its section of docs/results.md."""
+    summary = summarize(raw)
+    _print_summary(summary)
+    if args.no_write:
+        return
+    ra = raw["args"]
+    command = _command(ra, f"python benchmarks/convergence.py --family {ra['family']}")
     if ra.get("configs"):
         command += " --configs " + " ".join(f"'{c}'" for c in ra["configs"])
     print(write_hf_section(raw, summary, command))
