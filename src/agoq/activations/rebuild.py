@@ -30,7 +30,7 @@ from torch import nn
 from ..quant.codec import is_dtensor
 from .store import Handle
 
-# Never rebuilt: they draw random numbers or keep running statistics.
+# Never rebuilt: they draw random numbers or keep running statistics (Identity saves nothing).
 _NEVER = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.Identity)
 
 
