@@ -220,3 +220,27 @@ def test_tp_sequence_parallel_activations():
             assert modes == {"kept": 1, "quantized": 1}, (fqn, modes)
             rows = out_rows[fqn.rsplit(".", 1)[1]] // 2
             assert stored == rows * DIM * 2 + n_full // 2 + n_full // 128 * 4, (fqn, stored)
+
+
+def _dtensor_norm_rank(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from agoq import ActivationPlan, quantize_activations
+
+    mesh = init_device_mesh("cpu", (world,))
+    norm = torch.nn.RMSNorm(DIM)
+    norm.weight = torch.nn.Parameter(distribute_tensor(norm.weight.data, mesh, [Replicate()]))
+    x = DTensor.from_local(torch.randn(BATCH, 8, DIM), mesh, [Shard(1)], run_check=False)
+    with quantize_activations(ActivationPlan.agoq()) as ctx:
+        y = norm(x)
+    y.sum().backward()
+    return {"modes": dict(ctx.report.total().modes)}
+
+
+def test_dtensor_input_module_is_never_replayed():
+    """A module fed a DTensor is not replayed (its forward may run collectives; a replay on
+    one rank only would hang): its saves are stored by kind, and backward completes."""
+    results = run_ranks(_dtensor_norm_rank, 2, timeout=60)
+    for r in results:
+        assert r["modes"].get("recomputed", 0) == 0, r
