@@ -156,10 +156,25 @@ def _module_of(node: torch.fx.Node) -> tuple[str, str]:
     if not stack:
         return "", ""
     path, cls = list(stack.values())[-1]
-    # dynamo spells paths like L['self'].layers['0'].attention.wq
-    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
+    return module_path(path), getattr(cls, "__name__", str(cls))
+
+
+_CLOSURE = re.compile(r"(?:^|\.)(?:\w+\.)?__closure__\.\d+\.cell_contents(?=\.|$)")
+_SELF = re.compile(r"(?:^|\.)__self__(?=\.|$)")
+
+
+def module_path(source: str) -> str:
+    """The module FQN (relative to the compiled module) in a dynamo source path.
+
+    Dynamo spells paths like ``L['self'].layers['0'].attention.wq``; when a module's
+    ``forward`` was replaced by a closure over the bound original (torchtitan 0.3's
+    ``Module.parallelize``, other wrappers), through it: ``L['fn'].__self__.attention.
+    forward.__closure__[0].cell_contents.__self__.wq`` is ``attention.wq``.
+    """
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", source)
     path = re.sub(r"^L\.self\.?|^L\.[^.]+\.?", "", path)
-    return path, getattr(cls, "__name__", str(cls))
+    path = _CLOSURE.sub("", path)
+    return _SELF.sub("", path).strip(".")
 
 
 _CASTS = {torch.ops.prims.convert_element_type.default, _aten._to_copy.default}
