@@ -10,33 +10,29 @@ timeout (its whole process group is killed when it runs out). Skipped without to
 from __future__ import annotations
 
 import copy
-import math
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton", reason="torchtitan 0.2.2 imports triton unconditionally")
-torchtitan = pytest.importorskip("torchtitan")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # torchtitan_ext/ sits at the repository root
+    sys.path.insert(0, str(ROOT))
+
+from torchtitan_runs import check_curves, finish, report, require_torchtitan, torchrun  # noqa: E402
+
+torchtitan = require_torchtitan("0.2.")  # tests/test_torchtitan_v03.py covers 0.3
 pytest.importorskip("tokenizers")
 pytest.importorskip("datasets")
 
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # torchtitan_ext/ sits at the repository root
-    sys.path.insert(0, str(ROOT))
 
 from torchtitan_ext.config import Agoq  # noqa: E402
 
 EXT = ROOT / "torchtitan_ext"
 DEBUG_TOML = EXT / "debug_model.toml"
 LLAMA8B_TOML = EXT / "llama3_8b.toml"
-RUN_TIMEOUT = 150  # seconds per torchrun; a healthy run takes ~10-15 s on 2 cores
 STEPS = 8
 
 
@@ -206,25 +202,18 @@ def assets(tmp_path_factory):
     return build_assets(tmp_path_factory.mktemp("tt_assets"))
 
 
-_STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[\d.]+|nan|inf)\s+grad_norm:\s*([\d.]+|nan|inf)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _run(assets, tmp_path, nproc, *extra, agoq=True, name="run"):
-    """torchrun -m torchtitan_ext.cpu_shims on the shipped debug TOML; returns
-    (losses per step, log text)."""
+def _start(assets, tmp_path, nproc, *extra, agoq=True, name="run"):
+    """Start torchrun -m torchtitan_ext.cpu_shims on the shipped debug TOML (non-blocking)."""
     toml = DEBUG_TOML
     if not agoq:
         toml = tmp_path / f"{name}.toml"
         text = DEBUG_TOML.read_text().replace('converters = ["agoq"]', "converters = []")
         assert "converters = []" in text
         toml.write_text(text)
-    out = tmp_path / name
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "torchtitan_ext.cpu_shims",
+    args = [
+        "-m", "torchtitan_ext.cpu_shims",
         "--job.config_file", str(toml),
-        "--job.dump_folder", str(out),
+        "--job.dump_folder", str(tmp_path / name),
         "--model.hf_assets_path", str(assets.tokenizer_dir),
         "--training.dataset_path", str(assets.dataset_dir),
         "--training.steps", str(STEPS),
@@ -237,58 +226,23 @@ def _run(assets, tmp_path, nproc, *extra, agoq=True, name="run"):
         "--comm.train_timeout_seconds", "60",
         *extra,
     ]  # fmt: skip
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(tmp_path / "hf_cache"),
-        HF_HOME=str(tmp_path / "hf_home"),
-    )
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        log, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the ranks it started
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun {name} timed out after {RUN_TIMEOUT}s:\n{log[-4000:]}")
-    log = _ANSI.sub("", log)
-    assert proc.returncode == 0, f"torchrun {name} failed:\n{log[-6000:]}"
-    losses: dict[int, float] = {}
-    for m in _STEP.finditer(log):
-        loss = float(m.group(2))
-        if loss != -1.0:  # non-last pipeline stages print -1
-            losses.setdefault(int(m.group(1)), loss)
-    assert sorted(losses) == list(range(1, STEPS + 1)), log[-4000:]
-    return [losses[s] for s in range(1, STEPS + 1)], log
+    return torchrun(args, nproc=nproc, cwd=tmp_path, name=name)
 
 
-def _check_curves(on, off):
-    for curve in (on, off):
-        assert all(math.isfinite(x) for x in curve), curve
-        assert curve[-1] < curve[0] - 0.3, curve  # the loss falls
-    assert on[0] == pytest.approx(off[0], abs=0.01)  # same data, same init
-    diff = max(abs(a - b) for a, b in zip(on, off, strict=True))
-    assert diff < 0.05, (on, off)
-
-
-def _report(log):
-    m = re.search(r"\[agoq\] step 1 part 0: activations stored ([\d.]+) MiB of ([\d.]+) MiB", log)
-    assert m, "no agoq memory report in the log"
-    return float(m.group(1)), float(m.group(2))
+def _on_off(assets, tmp_path, nproc, *extra, on=(), off=()):
+    """The converter on and off, started together; returns (on, off, on log, off log)."""
+    p_on = _start(assets, tmp_path, nproc, *extra, *on, name="on")
+    p_off = _start(assets, tmp_path, nproc, *extra, *off, agoq=False, name="off")
+    (on_curve, on_log), (off_curve, off_log) = finish(p_on, STEPS), finish(p_off, STEPS)
+    return on_curve, off_curve, on_log, off_log
 
 
 def test_single_process_with_accumulation_and_grad_store(assets, tmp_path):
     args = ("--training.global_batch_size", "8")  # 2 micro-batches per step
-    on, log = _run(assets, tmp_path, 1, *args, "--agoq.grad_storage", name="on")
-    off, _ = _run(assets, tmp_path, 1, *args, agoq=False, name="off")
+    on, off, log, _ = _on_off(assets, tmp_path, 1, *args, on=("--agoq.grad_storage",))
     print(f"1 process: agoq {on}\n           off  {off}")
-    _check_curves(on, off)
-    stored, original = _report(log)
+    check_curves(on, off)
+    stored, original = report(log)
     assert 0 < stored < 0.35 * original
     assert "gradients off (no data parallelism)" in log
     peak = re.search(r"8-bit gradient store peak ([\d.]+) MiB", log)
@@ -296,10 +250,9 @@ def test_single_process_with_accumulation_and_grad_store(assets, tmp_path):
 
 
 def test_two_processes_fsdp(assets, tmp_path):
-    on, log = _run(assets, tmp_path, 2, name="on")
-    off, _ = _run(assets, tmp_path, 2, agoq=False, name="off")
+    on, off, log, _ = _on_off(assets, tmp_path, 2)
     print(f"2 processes FSDP: agoq {on}\n                  off  {off}")
-    _check_curves(on, off)
+    check_curves(on, off)
     calls = re.findall(r"int8 reduce-scatter calls so far (\d+) \(\+0 full-precision\)", log)
     assert calls and int(calls[-1]) >= STEPS, calls  # the int8 comm really ran
     assert "int8 reduce-scatter on 10 FSDP modules" in log
@@ -313,10 +266,9 @@ def test_two_processes_ddp_with_error_feedback(assets, tmp_path):
     # The "on" run also has the numerics guard on (it does not change the run unless it
     # acts): it checks in the int8 hook state and after the optimizer step.
     guard = ("--agoq.numerics_check_every", "2")
-    on, log = _run(assets, tmp_path, 2, *ddp, *guard, name="on")
-    off, _ = _run(assets, tmp_path, 2, *ddp, agoq=False, name="off")
+    on, off, log, _ = _on_off(assets, tmp_path, 2, *ddp, on=guard)
     print(f"2 processes DDP: agoq {on}\n                 off  {off}")
-    _check_curves(on, off)
+    check_curves(on, off)
     assert "int8 all-reduce DDP comm hook with error feedback" in log
     calls = re.findall(r"int8 all-reduce hook calls so far (\d+)", log)
     assert calls and int(calls[-1]) >= STEPS, calls
@@ -340,13 +292,12 @@ def test_two_processes_tensor_parallel(assets, tmp_path):
         "--parallelism.tensor_parallel_degree", "2",
         "--parallelism.data_parallel_shard_degree", "1",
     )  # fmt: skip
-    on, log = _run(assets, tmp_path, 2, *tp, name="on")
-    off, off_log = _run(assets, tmp_path, 2, *tp, agoq=False, name="off")
+    on, off, log, off_log = _on_off(assets, tmp_path, 2, *tp)
     print(f"2 processes TP: agoq {on}\n                off  {off}")
     for text in (log, off_log):
         assert "Applied Tensor Parallelism to the model" in text
-    _check_curves(on, off)
-    stored, original = _report(log)
+    check_curves(on, off)
+    stored, original = report(log)
     assert 0 < stored < 0.35 * original
     # The sequence-parallel norm inputs (DTensors) really are quantized, 4-bit + scales.
     norm = re.search(r"norm_input\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\S+)", log)
@@ -361,10 +312,9 @@ def test_two_processes_pipeline_stage_aware(assets, tmp_path):
         "--parallelism.data_parallel_shard_degree", "1",
         "--parallelism.pipeline_parallel_schedule", "1F1B",
     )  # fmt: skip
-    on, log = _run(assets, tmp_path, 2, *pp, "--agoq.grad_storage", name="on")
-    off, _ = _run(assets, tmp_path, 2, *pp, agoq=False, name="off")
+    on, off, log, _ = _on_off(assets, tmp_path, 2, *pp, on=("--agoq.grad_storage",))
     print(f"2 processes PP 1F1B: agoq {on}\n                     off  {off}")
-    _check_curves(on, off)
+    check_curves(on, off)
     # 1F1B, 2 ranks, 4 micro-batches: rank 0 holds 2 in flight, rank 1 one -> 4 / 8 bits
     # The plan's int8 kinds (q/k norm inputs, attention probabilities) stay int8.
     assert "pp rank 0/2, 1F1B, 4 micro-batches, 1 stage(s)/rank -> bits [4, 8]" in log

@@ -12,6 +12,7 @@ imports agoq, and so torch).
 
 # No ``from __future__ import annotations``: torchtitan merges these dataclasses into its
 # own with ``make_dataclass``, and tyro then needs the field types as real objects.
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -136,6 +137,30 @@ class Agoq(metaclass=_SectionType):
                 self.activation_plan()
             except ValueError as e:  # ConfigTypeError (also a TypeError) keeps its type
                 raise type(e)(f"[agoq] activation plan: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: "str | os.PathLike[str]") -> "Agoq":
+        """The settings of the ``[agoq]`` table of a TOML file (a torchtitan 0.2.2 job TOML,
+        or a file with only that table); other tables are ignored. An unknown key is
+        refused with the list of valid ones; a file without the table is an error."""
+        import tomllib
+
+        with open(path, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"[agoq] {path}: not valid TOML ({e})") from None
+        table = data.get("agoq")
+        if not isinstance(table, dict):
+            raise ValueError(f"[agoq] {path}: no [agoq] table")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(table) - valid)
+        if unknown:
+            raise ValueError(
+                f"[agoq] {path}: unknown key(s) {', '.join(unknown)} in the [agoq] table "
+                f"(valid keys: {', '.join(f.name for f in fields(cls))})"
+            )
+        return cls(**table)
 
     def plan_table(self) -> dict[str, Any]:
         """The activation plan as the table ``agoq.ActivationPlan.from_dict`` reads."""

@@ -42,6 +42,7 @@ import logging
 import resource
 import sys
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -119,17 +120,17 @@ def _patch_attention() -> None:
     TransformerModelArgs.update_from_config = update_from_config  # type: ignore[method-assign]
 
 
-def apply() -> list[str]:
-    """Apply every shim (idempotent); call before anything imports torchtitan.
-
-    Returns the names of the shims applied.
-    """
-    if _APPLIED:
-        return list(_APPLIED)
+def apply_shims(
+    applied: list[str], name: str, set_pg_timeouts: Any, patch_attention: Any
+) -> list[str]:
+    """The shims both torchtitan versions need, with each version's own process-group
+    timeout setter and attention patch; records them in ``applied`` (idempotent)."""
+    if applied:
+        return list(applied)
     tools = sys.modules.get("torchtitan.tools.utils")
     if tools is not None and tools.device_type != "cpu":
         raise RuntimeError(
-            "torchtitan_ext.cpu_shims.apply() must run before torchtitan is imported "
+            f"{name}.apply() must run before torchtitan is imported "
             f"(torchtitan already chose device_type={tools.device_type!r})"
         )
     torch._utils._get_available_device_type = _device_type_probe
@@ -139,13 +140,19 @@ def apply() -> list[str]:
 
     assert tt_utils.device_type == "cpu", tt_utils.device_type
     metrics.build_device_memory_monitor = CPUMemoryMonitor
-    dist_utils.set_pg_timeouts = _set_pg_timeouts
+    dist_utils.set_pg_timeouts = set_pg_timeouts
     _patch_fsdp_sum()
-    _patch_attention()
-    _APPLIED.extend(
-        ["device_type=cpu", "cpu_memory_monitor", "set_pg_timeouts", "fsdp_sum", "sdpa"]
-    )
-    return list(_APPLIED)
+    patch_attention()
+    applied.extend(["device_type=cpu", "cpu_memory_monitor", "set_pg_timeouts", "fsdp_sum", "sdpa"])
+    return list(applied)
+
+
+def apply() -> list[str]:
+    """Apply every shim (idempotent); call before anything imports torchtitan.
+
+    Returns the names of the shims applied.
+    """
+    return apply_shims(_APPLIED, "torchtitan_ext.cpu_shims", _set_pg_timeouts, _patch_attention)
 
 
 def main() -> None:

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton", reason="torchtitan 0.2.2 imports triton unconditionally")
-pytest.importorskip("torchtitan")
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # torchtitan_ext/ sits at the repository root
+    sys.path.insert(0, str(ROOT))
+
+from torchtitan_runs import require_torchtitan  # noqa: E402
+
+require_torchtitan("0.2.")  # the 0.2.2 adapter's guard
 
 import torch  # noqa: E402
 
 import agoq  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # torchtitan_ext/ sits at the repository root
-    sys.path.insert(0, str(ROOT))
 
 DEBUG_TOML = ROOT / "torchtitan_ext" / "debug_model.toml"
 
