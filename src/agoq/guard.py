@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from ._compat import top_saved_tensors_hooks
+
 if TYPE_CHECKING:
     from .activations import ActivationContext, ActivationPlan
 
@@ -214,7 +216,7 @@ class NumericsGuard:
             raise ValueError(
                 f"NumericsGuard: group must be a ProcessGroup, None or 'local', got {group!r}"
             )
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        if top_saved_tensors_hooks() is not None:
             raise RuntimeError(
                 "NumericsGuard.check_activations must run outside `with ctx:` (and outside any "
                 "saved_tensors_hooks): its reference pass has to see plain PyTorch"

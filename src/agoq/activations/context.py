@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._compat import has_own_hooks, no_static_hooks_filtering, top_saved_tensors_hooks
 from ..memory import MemoryReport
 from ..quant import QuantSpec, quantize
 from ..quant.codec import is_dtensor
-from ._compat import has_own_hooks, no_static_hooks_filtering, top_saved_tensors_hooks
 from .classify import _CHAIN_NODES, ModuleTracker, parameter_source
 from .dtensor import pack_dtensor
 from .hooks import hook_pair, pop_active, push_active
