@@ -18,6 +18,9 @@ Entries (feature that uses it -> private API):
 * :func:`no_static_hooks_filtering` (ActivationContext around torch.compile regions) ->
   ``torch._functorch.config.saved_tensors_hooks_filtering_mode``.
 * :func:`dtensor_local` (DTensor activations) -> ``DTensor._local_tensor``.
+* :func:`tensor_version` / :func:`view_base` (the activation context's in-place checks and
+  views) -> ``Tensor._version``, ``Tensor._base``.
+* :func:`module_buffers` (ActivationContext, NumericsGuard) -> ``Module._buffers``.
 * :func:`has_own_hooks` (activation rebuild) -> ``Module._forward_pre_hooks`` /
   ``Module._forward_hooks``.
 * :func:`never_rebuilt_types` (activation rebuild) -> ``nn.modules.dropout._DropoutNd``,
@@ -78,6 +81,7 @@ __all__ = [
     "functional_collectives",
     "group_timeout",
     "missing",
+    "module_buffers",
     "has_own_hooks",
     "is_traceable_wrapper_subclass",
     "never_rebuilt_types",
@@ -88,7 +92,9 @@ __all__ = [
     "run_step_microbatches",
     "saved_tensor_hook_context",
     "top_saved_tensors_hooks",
+    "tensor_version",
     "torch_version",
+    "view_base",
     "work_from_future",
 ]
 
@@ -150,6 +156,8 @@ _F_CONTEXT = "the activation context (ActivationContext, NumericsGuard.check_act
 _F_DTENSOR = "activation quantization of DTensor activations (tensor parallel)"
 _F_REBUILD = "activation rebuild (ActivationPlan recompute kinds)"
 _F_MODULE_HOOKS = "the activation context's module tracking (ActivationContext)"
+_F_INPLACE = "the activation context's in-place checks and view handling"
+_F_BUFFERS = "buffer tracking (ActivationContext static inputs, NumericsGuard buffer restore)"
 
 
 # Resolved at first call. Plain module globals, not functools.cache: these two run once
@@ -220,6 +228,32 @@ def dtensor_local(t: torch.Tensor) -> torch.Tensor:
         return t._local_tensor
     except AttributeError:
         raise missing(_F_DTENSOR, "torch.distributed.tensor.DTensor._local_tensor") from None
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version``: autograd's in-place counter (bumped by every in-place op)."""
+    try:
+        return t._version
+    except AttributeError:
+        raise missing(_F_INPLACE, "torch.Tensor._version") from None
+
+
+def view_base(t: torch.Tensor) -> torch.Tensor | None:
+    """``t._base``: the tensor ``t`` is a view of (None when ``t`` is not a view)."""
+    try:
+        return t._base
+    except AttributeError:
+        raise missing(_F_INPLACE, "torch.Tensor._base") from None
+
+
+def module_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """``module._buffers``, the live dict of its own buffers (None entries included):
+    the public ``named_buffers`` skips None and shared entries, and assigning through it
+    is impossible (NumericsGuard puts replaced buffers back under their names)."""
+    try:
+        return module._buffers
+    except AttributeError:
+        raise missing(_F_BUFFERS, "torch.nn.Module._buffers") from None
 
 
 def has_own_hooks(module: torch.nn.Module) -> bool:

@@ -22,7 +22,7 @@ import torch
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-from .._compat import dtensor_local
+from .._compat import dtensor_local, view_base
 from .classify import parameter_source
 from .store import Handle, HeldKept, Kept, _Built
 
@@ -78,7 +78,7 @@ def pack_dtensor(ctx: Any, t: DTensor) -> Handle:
     tracker = ctx._tracker
     if tracker.is_static(t) or t.dtype not in _CODEC_DTYPES:
         return Kept(t)
-    base = t._base
+    base = view_base(t)
     key = base if base is not None and base.numel() == t.numel() else t
     if parameter_source(key)[0] is not None or (key.grad_fn is None and not key.requires_grad):
         # A cast of a parameter DTensor (autocast's weight copy), or a DTensor with no
