@@ -232,6 +232,24 @@ def test_dtensor_local_and_module_hooks_errors() -> None:
     _check_error(e, "activation rebuild", "_forward_pre_hooks")
 
 
+def test_tensor_and_buffer_entries() -> None:
+    t = torch.ones(3)
+    v0 = _compat.tensor_version(t)
+    t.add_(1)
+    assert _compat.tensor_version(t) == v0 + 1
+    assert _compat.view_base(t) is None and _compat.view_base(t[1:]) is t
+    bn = nn.BatchNorm1d(2)
+    assert _compat.module_buffers(bn)["running_mean"] is bn.running_mean
+    for fn, what in [
+        (_compat.tensor_version, "Tensor._version"),
+        (_compat.view_base, "Tensor._base"),
+        (_compat.module_buffers, "Module._buffers"),
+    ]:
+        with pytest.raises(TorchCompatError) as e:
+            fn(object())
+        _check_error(e, "agoq", what)
+
+
 def test_never_rebuilt_types(monkeypatch: pytest.MonkeyPatch) -> None:
     types_ = _compat.never_rebuilt_types()
     assert isinstance(nn.Dropout(), types_) and isinstance(nn.BatchNorm1d(2), types_)
