@@ -4,7 +4,6 @@ from .activations import ActivationContext, ActivationPlan, KindRule, quantize_a
 from .gradients import (
     Int8AllReduceState,
     Int8GradStore,
-    Int8ReduceScatter,
     install_int8_reduce_scatter,
     int8_all_reduce,
     int8_allreduce,
@@ -15,6 +14,17 @@ from .pipeline import quantize_stage
 from .quant import Packed, QuantSpec, dequantize, quantize
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> type:
+    # Int8ReduceScatter subclasses a private FSDP2 class: built at first access, so that
+    # importing agoq imports no private torch module (agoq._compat).
+    if name == "Int8ReduceScatter":
+        from .gradients import fsdp
+
+        return fsdp.Int8ReduceScatter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ActivationContext",

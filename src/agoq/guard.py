@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from ._compat import module_buffers, top_saved_tensors_hooks
+
 if TYPE_CHECKING:
     from .activations import ActivationContext, ActivationPlan
 
@@ -214,7 +216,7 @@ class NumericsGuard:
             raise ValueError(
                 f"NumericsGuard: group must be a ProcessGroup, None or 'local', got {group!r}"
             )
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        if top_saved_tensors_hooks() is not None:
             raise RuntimeError(
                 "NumericsGuard.check_activations must run outside `with ctx:` (and outside any "
                 "saved_tensors_hooks): its reference pass has to see plain PyTorch"
@@ -391,7 +393,7 @@ def _frozen_state(model: nn.Module, params: list[torch.Tensor]) -> Iterator[Call
     buffers = [
         (m, name, b, b.detach().clone())
         for m in model.modules()
-        for name, b in m._buffers.items()
+        for name, b in module_buffers(m).items()
         if b is not None
     ]
     with torch.random.fork_rng(devices=devices):
@@ -408,8 +410,9 @@ def _frozen_state(model: nn.Module, params: list[torch.Tensor]) -> Iterator[Call
         finally:
             with torch.no_grad():
                 for m, name, b, copy in buffers:
-                    if m._buffers.get(name) is not b:
-                        m._buffers[name] = b
+                    own = module_buffers(m)
+                    if own.get(name) is not b:
+                        own[name] = b
                     # Compared, not version-checked: batch_norm updates its running
                     # statistics in place without bumping _version.
                     if not torch.equal(b, copy):

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._compat import is_traceable_wrapper_subclass
+
 
 @dataclass
 class Row:
@@ -186,8 +188,6 @@ class MemoryReport:
 def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors holding ``t``'s data: a wrapper subclass (a DTensor, FSDP2's sharded
     parameters) has no storage of its own, its inner tensors do."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if not is_traceable_wrapper_subclass(t):
         return [t]
     attrs, _ = t.__tensor_flatten__()

@@ -12,15 +12,36 @@ stand-in stage objects that only carry the attributes the schedule constructors 
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.pipelining import schedules as _tsched
 
-_Action = _tsched._Action
+from ._compat import TorchCompatError, pipeline_action, run_step_microbatches
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining.schedules import _Action
+
+
+class _Schedules:
+    """``torch.distributed.pipelining.schedules``, imported at first use: it pulls in much
+    of torch.distributed (private modules too), which ``import agoq`` must not."""
+
+    def __getattr__(self, name: str) -> Any:
+        from torch.distributed.pipelining import schedules
+
+        return getattr(schedules, name)
+
+
+_tsched = _Schedules()
+
+
+def _action(stage_index: int, kind: Any, microbatch_index: int) -> _Action:
+    return pipeline_action()(stage_index, kind, microbatch_index)
+
 
 __all__ = [
     "inflight_microbatches",
@@ -51,55 +72,59 @@ _EXTRA_ALIASES = {
 # accept exactly two chunks per rank.
 _V_SCHEDULE_NAMES = frozenset({"ScheduleZBVZeroBubble", "ScheduleDualPipeV"})
 
-_SCHEDULES: dict[str, type] = {
-    name: cls for name in _SCHEDULE_CLASS_NAMES if (cls := getattr(_tsched, name, None)) is not None
-}
+
+@functools.cache
+def _schedules() -> dict[str, type]:
+    return {
+        name: cls
+        for name in _SCHEDULE_CLASS_NAMES
+        if (cls := getattr(_tsched, name, None)) is not None
+    }
 
 
 def _normalise(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def _build_name_table() -> dict[str, type]:
+@functools.cache
+def _name_table() -> dict[str, type]:
+    schedules = _schedules()
     table: dict[str, type] = {}
-    for name, cls in _SCHEDULES.items():
+    for name, cls in schedules.items():
         table[_normalise(name)] = cls
         table[_normalise(name.removeprefix("Schedule"))] = cls
     for alias, name in _EXTRA_ALIASES.items():
-        if name in _SCHEDULES:
-            table[alias] = _SCHEDULES[name]
+        if name in schedules:
+            table[alias] = schedules[name]
     return table
-
-
-_NAME_TABLE = _build_name_table()
 
 
 def supported_schedules() -> list[str]:
     """Names of the torch schedule classes this module accepts in the installed torch."""
-    return list(_SCHEDULES)
+    return list(_schedules())
 
 
 def _unsupported(schedule: object) -> ValueError:
     return ValueError(
         f"unsupported pipeline schedule {schedule!r}; supported classes: "
-        f"{', '.join(_SCHEDULES)} (or their subclasses); accepted names "
-        f"(case-insensitive): {', '.join(sorted(_NAME_TABLE))}"
+        f"{', '.join(_schedules())} (or their subclasses); accepted names "
+        f"(case-insensitive): {', '.join(sorted(_name_table()))}"
     )
 
 
 def _resolve_schedule(schedule: object) -> type:
     if isinstance(schedule, str):
-        cls = _NAME_TABLE.get(_normalise(schedule))
+        cls = _name_table().get(_normalise(schedule))
         if cls is None:
             raise _unsupported(schedule)
         return cls
-    if isinstance(schedule, type) and any(issubclass(schedule, c) for c in _SCHEDULES.values()):
+    if isinstance(schedule, type) and any(issubclass(schedule, c) for c in _schedules().values()):
         return schedule
     raise _unsupported(schedule)
 
 
 def _is_v_schedule(cls: type) -> bool:
-    return any(issubclass(cls, _SCHEDULES[n]) for n in _V_SCHEDULE_NAMES if n in _SCHEDULES)
+    return any(issubclass(cls, _schedules()[n]) for n in _V_SCHEDULE_NAMES if n in _schedules())
 
 
 def _check_positive_int(value: object, name: str) -> int:
@@ -136,16 +161,16 @@ class _StandInStage:
     get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = get_fwd_recv_ops
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args: object, **kwargs: object) -> None:
-        self.log.append(_Action(self.stage_index, _tsched.FORWARD, fwd_chunk_id))
+        self.log.append(_action(self.stage_index, _tsched.FORWARD, fwd_chunk_id))
 
     def backward_one_chunk(
         self, bwd_chunk_id: int, *args: object, full_backward: bool = True, **kwargs: object
     ) -> None:
         kind = _tsched.FULL_BACKWARD if full_backward else _tsched.BACKWARD_INPUT
-        self.log.append(_Action(self.stage_index, kind, bwd_chunk_id))
+        self.log.append(_action(self.stage_index, kind, bwd_chunk_id))
 
     def backward_weight_one_chunk(self, bwd_chunk_id: int, *args: object, **kwargs: object) -> None:
-        self.log.append(_Action(self.stage_index, _tsched.BACKWARD_WEIGHT, bwd_chunk_id))
+        self.log.append(_action(self.stage_index, _tsched.BACKWARD_WEIGHT, bwd_chunk_id))
 
     def perform_reduce_grad(self, *args: object, **kwargs: object) -> None:
         pass
@@ -158,17 +183,14 @@ def _trace_single(cls: type, rank: int, num_stages: int, n_microbatches: int) ->
     """Run the schedule's own ``_step_microbatches`` for one rank and record its compute."""
     stage = _StandInStage(rank, num_stages, num_stages, rank)
     sched = cls(stage, n_microbatches)
-    # The real initializer does P2P warm-up and shape inference, which need a process
-    # group and a module; the compute order does not depend on it.
-    sched._initialize_stage = lambda *args, **kwargs: None
-    sched._step_microbatches()
+    run_step_microbatches(sched)
     return stage.log
 
 
 def _simulate_single(cls: type, rank: int, num_stages: int, n_microbatches: int) -> list[_Action]:
     """Fallback order for GPipe / 1F1B, used only if tracing breaks on a different torch."""
-    fwd = [_Action(rank, _tsched.FORWARD, i) for i in range(n_microbatches)]
-    bwd = [_Action(rank, _tsched.FULL_BACKWARD, i) for i in range(n_microbatches)]
+    fwd = [_action(rank, _tsched.FORWARD, i) for i in range(n_microbatches)]
+    bwd = [_action(rank, _tsched.FULL_BACKWARD, i) for i in range(n_microbatches)]
     if issubclass(cls, _tsched.ScheduleGPipe):
         # torch 2.13 ScheduleGPipe._step_microbatches: all forwards, then all backwards
         # (schedules.py, forward loop at line 905, backward loop at line 933).
@@ -194,7 +216,7 @@ def _single_stage_actions(
     # that with a recording stage.
     try:
         return {r: _trace_single(cls, r, num_stages, n_microbatches) for r in range(num_stages)}
-    except (AttributeError, TypeError) as exc:
+    except (AttributeError, TypeError, TorchCompatError) as exc:
         if cls not in (_tsched.ScheduleGPipe, _tsched.Schedule1F1B):
             raise
         warnings.warn(

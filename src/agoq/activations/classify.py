@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._compat import module_buffers, view_base
 from .plan import ActivationPlan
 
 # Autograd nodes that only change dtype or geometry: a chain of them from a parameter's
@@ -258,7 +259,7 @@ class ModuleTracker:
 
     def is_static(self, t: torch.Tensor) -> bool:
         """A parameter or buffer (or a view of one) of a model seen in this context."""
-        base = t._base
+        base = view_base(t)
         key = t if base is None else base
         wr = self._statics.get(id(key))
         if wr is not None and wr() is key:
@@ -275,7 +276,7 @@ class ModuleTracker:
             return False
         # A buffer (re)assigned during this very forward: look at the running modules.
         for m in self.stack:
-            for b in m._buffers.values():
+            for b in module_buffers(m).values():
                 if b is key:
                     self._add_static(b)
                     return True
@@ -288,7 +289,7 @@ class ModuleTracker:
     def frozen_source(self, t: torch.Tensor) -> torch.Tensor | None:
         """A static tensor that ``t`` (no autograd history) is an exact cast of, e.g.
         autocast's copy of a frozen weight or of a buffer; None otherwise."""
-        base = t._base if t._base is not None else t
+        base = t if (v := view_base(t)) is None else v
         cands = self._by_shape.get(tuple(base.shape))
         if not cands or base.grad_fn is not None:
             return None

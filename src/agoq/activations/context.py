@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._compat import has_own_hooks, no_static_hooks_filtering, top_saved_tensors_hooks, view_base
 from ..memory import MemoryReport
 from ..quant import QuantSpec, quantize
 from ..quant.codec import is_dtensor
-from ._compat import has_own_hooks, no_static_hooks_filtering, top_saved_tensors_hooks
 from .classify import _CHAIN_NODES, ModuleTracker, parameter_source
 from .dtensor import pack_dtensor
 from .hooks import hook_pair, pop_active, push_active
@@ -176,7 +176,8 @@ class ActivationContext:
             kind = "qk_norm_input" if named and kind == "attn_internals" else "norm_input"
         elif not named:
             kind = "swiglu_input"
-        base = x._base if x._base is not None and x._base.numel() == x.numel() else x
+        v = view_base(x)
+        base = v if v is not None and v.numel() == x.numel() else x
         prod = tracker.producer(base)
         if prod is not None and prod[1]:  # e.g. the embedding's output: its kind wins
             kind = prod[0]
@@ -232,7 +233,7 @@ class ActivationContext:
 
     def stored(self, t: torch.Tensor) -> bool:
         """Whether ``t`` (or the tensor it views) is stored in this context already."""
-        base = t._base if t._base is not None else t
+        base = t if (v := view_base(t)) is None else v
         return self._table.get(base) is not None
 
     def op(self, kind: str, strong: bool) -> _OpKind:
@@ -246,7 +247,7 @@ class ActivationContext:
         index = call.save(t)
         if self._tracker.is_static(t):
             return Kept(t)
-        base = t._base if t._base is not None else t
+        base = t if (v := view_base(t)) is None else v
         fqn, kind = self._tracker.where()[0], self._call_kind
         seen = id(base) in self._call_seen or self._table.get(base) is not None
         self._call_seen.add(id(base))
@@ -262,7 +263,7 @@ class ActivationContext:
         """A handle for a recipe's input ``a``, or None when it cannot be had for free."""
         if self._tracker.is_static(a):
             return Kept(a)
-        base = a._base if a._base is not None else a
+        base = a if (v := view_base(a)) is None else v
         handle = self._table.get(base)
         if handle is None:
             handle = self._recipe_handle(base, depth + 1)
@@ -310,7 +311,7 @@ class ActivationContext:
         tracker = self._tracker
         if tracker.is_static(t) or t.dtype not in _CODEC_DTYPES:
             return Kept(t)  # float64, complex, integer and bool saves stay exact
-        base = t._base
+        base = view_base(t)
         key = base if base is not None and base.numel() == t.numel() else t
         fqn, where_kind, named = tracker.where_named()
         fn = key.grad_fn

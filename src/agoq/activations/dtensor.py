@@ -15,16 +15,14 @@ SwiGLU product before the row-parallel down projection) is found through it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-try:  # only reached for DTensors (see agoq.quant.codec.is_dtensor)
+if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch without distributed support
-    DTensor = None
 
-from ._compat import dtensor_local
+from .._compat import dtensor_local, view_base
 from .classify import parameter_source
 from .store import Handle, HeldKept, Kept, _Built
 
@@ -54,6 +52,11 @@ class DTensorOf(_Built):
             size, stride, rel = self.view
             local = local.as_strided(size, stride, local.storage_offset() + rel)
         mesh, placements, shape, stride = self.layout
+        # Imported here: only reached for DTensors, whose module is then loaded already
+        # (agoq.quant.codec.is_dtensor); at the top it would load torch.distributed.tensor
+        # with every ``import agoq``.
+        from torch.distributed.tensor import DTensor
+
         return DTensor.from_local(
             local, mesh, placements, run_check=False, shape=shape, stride=stride
         )
@@ -75,7 +78,7 @@ def pack_dtensor(ctx: Any, t: DTensor) -> Handle:
     tracker = ctx._tracker
     if tracker.is_static(t) or t.dtype not in _CODEC_DTYPES:
         return Kept(t)
-    base = t._base
+    base = view_base(t)
     key = base if base is not None and base.numel() == t.numel() else t
     if parameter_source(key)[0] is not None or (key.grad_fn is None and not key.requires_grad):
         # A cast of a parameter DTensor (autocast's weight copy), or a DTensor with no

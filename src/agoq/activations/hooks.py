@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from .._compat import GlobalModuleHooks
+from .._compat import saved_tensor_hook_context as _get_saved_tensor_hook_context
 from ..quant import Packed, QuantSpec, dequantize, quantize
-from ._compat import GlobalModuleHooks
-from ._compat import saved_tensor_hook_context as _get_saved_tensor_hook_context
 from .plan import ActivationPlan
 from .store import Handle
 

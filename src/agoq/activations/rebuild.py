@@ -27,12 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._compat import never_rebuilt_types
 from ..quant.codec import is_dtensor
 from .store import Handle
-
-# Never rebuilt: they draw random numbers or keep running statistics (Identity saves nothing).
-_NEVER = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.Identity)
-
 
 _SINGLE: dict[type, bool] = {}
 
@@ -92,7 +89,12 @@ def role_of(module: nn.Module, x: Any) -> str | None:
         # A DTensor forward may run collectives: a probe or a replay that one rank runs
         # and another does not would hang. Tensor-parallel saves are stored by kind.
         return None
-    if isinstance(module, _NEVER) or next(module.children(), None) is not None:
+    # Never rebuilt: dropout and norms with running statistics (random numbers, state
+    # updates); Identity saves nothing.
+    if (
+        isinstance(module, (*never_rebuilt_types(), nn.Identity))
+        or next(module.children(), None) is not None
+    ):
         return None
     if next(module.buffers(), None) is not None:
         return None

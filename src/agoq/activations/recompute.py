@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .._compat import tensor_version
+
 
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm whose backward needs only x and the weight (rstd is recomputed)."""
@@ -136,8 +138,8 @@ class Recipes:
                 if entry[5] is not None and nodes.get(id(entry[5])) == key:
                     del nodes[id(entry[5])]
 
-        versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
-        entries[key] = (weakref.ref(out, drop), out._version, fn, args, versions, node)
+        versions = tuple(tensor_version(a) if isinstance(a, torch.Tensor) else None for a in args)
+        entries[key] = (weakref.ref(out, drop), tensor_version(out), fn, args, versions, node)
         if node is not None:
             nodes[id(node)] = key
 
@@ -153,11 +155,11 @@ class Recipes:
         """The recipe of ``t`` if one was recorded for this very tensor and nothing it
         depends on changed since."""
         entry = self._entries.get(id(t))
-        if entry is None or entry[0]() is not t or entry[1] != t._version:
+        if entry is None or entry[0]() is not t or entry[1] != tensor_version(t):
             return None
         _, _, fn, args, versions, _ = entry
         for a, v in zip(args, versions, strict=True):
-            if v is not None and a._version != v:
+            if v is not None and tensor_version(a) != v:
                 return None
         return fn, args
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._compat import tensor_version
 from ..quant import Packed, dequantize
 
 
@@ -28,7 +29,7 @@ def inplace_error(t: torch.Tensor, saved: int) -> RuntimeError:
     """The error autograd raises when a saved tensor was modified in place."""
     return RuntimeError(
         "one of the variables needed for gradient computation has been modified by an "
-        f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+        f"inplace operation: [{t.type()} {list(t.shape)}] is at version {tensor_version(t)}; "
         f"expected version {saved} instead. (Detected by agoq: PyTorch skips its own check "
         "while saved-tensor hooks are active.) Hint: do not modify a tensor in place after "
         "an operation saved it for backward, or clone it first."
@@ -64,11 +65,11 @@ class Kept(Handle):
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
-        self.version = tensor._version
+        self.version = tensor_version(tensor)
 
     def get(self) -> torch.Tensor:  # noqa: D102
         t = self.tensor
-        if t._version != self.version:
+        if tensor_version(t) != self.version:
             raise inplace_error(t, self.version)
         return t
 
@@ -80,7 +81,7 @@ class HeldKept(Kept):
 
     def __init__(self, tensor: torch.Tensor, on_free: Callable[[int], None], nbytes: int) -> None:
         self.tensor = tensor
-        self.version = tensor._version
+        self.version = tensor_version(tensor)
         self._on_free = on_free
         self._nbytes = nbytes
 
@@ -98,7 +99,7 @@ class _Built(Handle):
         self._last: weakref.ref | None = None
         if source is not None:
             self._source: weakref.ref | None = weakref.ref(source)
-            self._version = source._version
+            self._version = tensor_version(source)
         else:
             self._source = None
             self._version = 0
@@ -107,12 +108,12 @@ class _Built(Handle):
         src = self._source
         if src is not None:
             s = src()
-            if s is not None and s._version != self._version:
+            if s is not None and tensor_version(s) != self._version:
                 raise inplace_error(s, self._version)
         last = self._last
         if last is not None:
             out = last()
-            if out is not None and out._version == 0:
+            if out is not None and tensor_version(out) == 0:
                 return out
         out = self._build()
         self._last = weakref.ref(out)
@@ -186,13 +187,13 @@ class FromParameter(_Built):
     def __init__(self, param: torch.Tensor, t: torch.Tensor) -> None:
         super().__init__(t)
         self.param = param
-        self.param_version = param._version
+        self.param_version = tensor_version(param)
         self.dtype = t.dtype
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
 
     def get(self) -> torch.Tensor:  # noqa: D102
         p = self.param
-        if p._version != self.param_version:  # also when a rebuilt copy is reused
+        if tensor_version(p) != self.param_version:  # also when a rebuilt copy is reused
             raise inplace_error(p, self.param_version)
         return super().get()
 
@@ -264,14 +265,14 @@ class SaveTable:
     def get(self, t: torch.Tensor) -> Handle | None:
         """The live handle stored for this very tensor at its current version."""
         entry = self._entries.get(id(t))
-        if entry is None or entry[0]() is not t or entry[1] != t._version:
+        if entry is None or entry[0]() is not t or entry[1] != tensor_version(t):
             return None
         return entry[2]()
 
     def put(self, t: torch.Tensor, handle: Handle) -> None:
         """Remember that ``t`` (at its current version) is stored as ``handle``."""
         entries = self._entries
-        entries[id(t)] = (weakref.ref(t), t._version, weakref.ref(handle))
+        entries[id(t)] = (weakref.ref(t), tensor_version(t), weakref.ref(handle))
         if len(entries) >= self._sweep_at:
             self._sweep()
 

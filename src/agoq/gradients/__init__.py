@@ -9,12 +9,22 @@ from .allreduce import (
 )
 from .ddp import Int8AllReduceState, int8_allreduce
 from .fsdp import (
-    Int8ReduceScatter,
     install_int8_all_reduce_hook,
     install_int8_reduce_scatter,
     int8_all_reduce_hook,
 )
 from .storage import Int8GradStore
+
+
+def __getattr__(name: str) -> type:
+    # Int8ReduceScatter subclasses a private FSDP2 class: built at first access, so that
+    # importing agoq imports no private torch module (agoq._compat).
+    if name == "Int8ReduceScatter":
+        from . import fsdp
+
+        return fsdp.Int8ReduceScatter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_SPEC",

@@ -8,14 +8,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._compat import compiled_original
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module under DDP / torch.compile wrappers, so FQNs carry no prefixes."""
     while True:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
+        elif (inner := compiled_original(model)) is not None:
+            model = inner
         else:
             return model
 

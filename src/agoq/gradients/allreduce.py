@@ -535,7 +535,7 @@ def int8_all_reduce_functional(
     """The same collective with functional collectives, traceable by torch.compile
     (compiled DDP's per-parameter hook path): one all-to-all and one all-gather of wire
     rows. Returns a new tensor."""
-    from ._compat import functional_collectives
+    from .._compat import functional_collectives
 
     fcol = functional_collectives()
     _check(spec)

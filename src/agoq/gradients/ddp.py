@@ -30,10 +30,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._compat import group_timeout, queue_backward_callback
 from .._validate import expect_bool, expect_int, expect_str
 from ..quant import QuantSpec
 from ._common import check_state, global_rank, unwrap
-from ._compat import group_timeout, queue_backward_callback
 from .allreduce import (
     DEFAULT_SPEC,
     Scratch,

@@ -53,20 +53,24 @@ all_gather) and raises on every rank, naming the fields, if they differ. float64
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
 
+from .._compat import (
+    fsdp_has_replicate_dim,
+    fsdp_reduce_scatter_base,
+    fsdp_shard_sizes,
+    work_from_future,
+)
 from .._validate import expect_bool, expect_int
 from ..quant import QuantSpec
 from ..quant.ops import dequantize_rows, quantize_rows, split_wire
-from ._compat import work_from_future
 from .allreduce import (
     Placement,
     check_grad_dtype,
@@ -83,6 +87,12 @@ __all__ = [
     "reduce_op_scale",
     "shard_segments",
 ]
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+    # For type checkers: the real class is built at first use (see __getattr__).
+    Int8ReduceScatter: type
 
 _ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
 
@@ -220,19 +230,13 @@ def shard_segments(module: FSDPModule) -> list[int] | None:
     """Elements per FSDP-managed parameter in ``module``'s gradient shard, in the order FSDP
     packs them for the reduce-scatter (None when FSDP state has no single parameter group).
 
-    Reads FSDP2's private parameter-group state (torch 2.13); the comm re-checks the total
-    at every call and falls back to plain blocks on a mismatch.
+    Reads FSDP2's private parameter-group state (``agoq._compat.fsdp_shard_sizes``); the
+    comm re-checks the total at every call and falls back to plain blocks on a mismatch.
     """
-    try:
-        groups = module._get_fsdp_state()._fsdp_param_groups
-        if len(groups) != 1:
-            return None
-        return [int(p.padded_sharded_param_size.numel()) for p in groups[0].fsdp_params]
-    except AttributeError:
-        return None
+    return fsdp_shard_sizes(module)
 
 
-class Int8ReduceScatter(ReduceScatter):
+class _Int8ReduceScatterImpl:
     """FSDP2 gradient reduce-scatter with one int8 quantization per element.
 
     ``block``: elements per fp32 scale. ``min_numel``: reduce-scatters whose input has fewer
@@ -352,7 +356,34 @@ class Int8ReduceScatter(ReduceScatter):
         return _apply_scale(recv.to(torch.float32, copy=True), scale).sum(dim=0)
 
 
+@functools.cache
+def _int8_reduce_scatter_class() -> type:
+    """``Int8ReduceScatter``: the implementation above on FSDP2's private ``ReduceScatter``
+    interface, built at first use so that importing agoq touches no private FSDP module."""
+    base = fsdp_reduce_scatter_base()
+    return type(
+        "Int8ReduceScatter",
+        (_Int8ReduceScatterImpl, base),
+        {
+            "__module__": __name__,
+            "__qualname__": "Int8ReduceScatter",
+            "__doc__": _Int8ReduceScatterImpl.__doc__,
+        },
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``Int8ReduceScatter`` resolves its private FSDP base class on first access.
+    if name == "Int8ReduceScatter":
+        cls = _int8_reduce_scatter_class()
+        globals()["Int8ReduceScatter"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    from torch.distributed.fsdp import FSDPModule
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -375,7 +406,9 @@ def install_int8_reduce_scatter(model: nn.Module, *, block: int = 256, min_numel
     _check_min_numel(min_numel)
     mods = _fsdp_modules(model)
     for m in mods:
-        comm = Int8ReduceScatter(block=block, min_numel=min_numel, segments=shard_segments(m))
+        comm = _int8_reduce_scatter_class()(
+            block=block, min_numel=min_numel, segments=shard_segments(m)
+        )
         m.set_custom_reduce_scatter(comm)
     return len(mods)
 
@@ -469,8 +502,7 @@ def install_int8_all_reduce_hook(
     for m in mods:
         # Private FSDP2 state, read only to refuse a double reduction: with a replicate mesh
         # dim (native HSDP, replicate_with_fsdp) FSDP all-reduces before running the hook.
-        groups = m._get_fsdp_state()._fsdp_param_groups
-        if any(isinstance(getattr(g, "mesh_info", None), DDPMeshInfo) for g in groups):
+        if fsdp_has_replicate_dim(m):
             raise ValueError(
                 "install_int8_all_reduce_hook is for 1-D FSDP plus a separate replicate group; "
                 "this module has a replicate mesh dim (native HSDP or replicate_with_fsdp), "

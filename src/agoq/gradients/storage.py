@@ -66,6 +66,7 @@ from typing import Any, Literal
 
 import torch
 
+from .._compat import ddp_sync_flag as _ddp_sync_flag
 from .._validate import expect_bool, expect_int
 from ..quant import Packed, QuantSpec, dequantize, quantize
 from ._common import check_state, global_rank, unwrap
@@ -76,21 +77,6 @@ COMPENSATIONS: tuple[str, ...] = ("none", "stochastic", "residual")
 
 DEFAULT_STORE_SPEC = QuantSpec(bits=8, format="int", block=256)
 _STATE_VERSION = 2
-_DDP_SYNC_ATTR = "require_forward_param_sync"
-
-
-def _ddp_sync_flag(ddp: torch.nn.Module) -> bool:
-    """DDP's private "this backward is synchronized" flag; missing means torch changed it,
-    and guessing would silently switch the guard off, so raise."""
-    try:
-        return bool(getattr(ddp, _DDP_SYNC_ATTR))
-    except AttributeError:
-        raise RuntimeError(
-            f"Int8GradStore: DistributedDataParallel has no attribute {_DDP_SYNC_ATTR!r} in "
-            f"torch {torch.__version__}; agoq reads it to refuse storing the gradients of a "
-            "backward that DDP synchronizes and cannot guard DDP without it. Use explicit "
-            "accumulate() calls under no_sync(), or an agoq release that supports this torch"
-        ) from None
 
 
 def _is_fsdp2(module: torch.nn.Module) -> bool:

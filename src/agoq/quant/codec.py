@@ -20,6 +20,7 @@ Bit layout (shared by every backend, bit for bit):
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Literal
@@ -38,10 +39,7 @@ _SLAB_ELEMENTS = 1 << 18
 # NaN): the activation context keeps float64 tensors as they are.
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-try:  # torch built without distributed support has no DTensor: nothing to unwrap
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover
-    _DTensor = None
+_DTENSOR_MODULE = "torch.distributed.tensor"
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,11 @@ class DTensorLayout:
 
 def is_dtensor(x: object) -> bool:
     """True when ``x`` is a ``torch.distributed.tensor.DTensor``."""
-    return _DTensor is not None and isinstance(x, _DTensor)
+    # A DTensor can only exist once its module is imported; importing it here would pull
+    # much of torch.distributed (private modules too) into every ``import agoq``.
+    mod = sys.modules.get(_DTENSOR_MODULE)
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(x, cls)
 
 
 @dataclass(frozen=True, eq=False)
@@ -636,7 +638,9 @@ def dequantize(p: Packed, *, backend: Backend = "auto") -> torch.Tensor:
     out = _restore(flat, p)
     if p.dtensor is not None:
         lay = p.dtensor
-        out = _DTensor.from_local(
+        from torch.distributed.tensor import DTensor
+
+        out = DTensor.from_local(
             out, lay.mesh, lay.placements, run_check=False, shape=lay.shape, stride=lay.stride
         )
     return out
