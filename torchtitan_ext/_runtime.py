@@ -472,16 +472,15 @@ def _on_meta(args: tuple, kwargs: dict) -> bool:
 
 
 def _reduce_scatter_comms(module: nn.Module) -> list:
-    """The comm objects installed on ``module``'s FSDP modules (diagnostics only; reads
-    FSDP2's private param-group attribute, and returns [] if that ever moves)."""
+    """The int8 comm objects installed on ``module``'s FSDP modules (diagnostics only)."""
     from torch.distributed.fsdp import FSDPModule
 
-    out = []
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            state = m._get_fsdp_state()
-            for g in getattr(state, "_fsdp_param_groups", []):
-                comm = getattr(g, "_reduce_scatter_comm", None)
-                if isinstance(comm, agoq.Int8ReduceScatter):
-                    out.append(comm)
-    return out
+    from agoq._compat import fsdp_reduce_scatter_comms
+
+    return [
+        c
+        for m in module.modules()
+        if isinstance(m, FSDPModule)
+        for c in fsdp_reduce_scatter_comms(m)
+        if isinstance(c, agoq.Int8ReduceScatter)
+    ]

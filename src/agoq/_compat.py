@@ -39,6 +39,8 @@ Entries (feature that uses it -> private API):
   ``torch.distributed.fsdp._fully_shard._fsdp_api.ReduceScatter``; gated on torch >= 2.13.
 * :func:`fsdp_shard_sizes` (per-parameter blocks of the FSDP2 comms) -> FSDP2's private
   parameter-group state; fallback: None (plain blocks, same values, coarser scales).
+* :func:`fsdp_reduce_scatter_comms` (torchtitan adapters' call counters) -> the same
+  state's ``_reduce_scatter_comm``; fallback: [].
 * :func:`fsdp_has_replicate_dim` (install_int8_all_reduce_hook) -> the same state and
   ``_fsdp_common.DDPMeshInfo``.
 * :func:`ddp_sync_flag` (Int8GradStore's DDP guard) -> ``DDP.require_forward_param_sync``.
@@ -77,6 +79,7 @@ __all__ = [
     "dtensor_local",
     "fsdp_has_replicate_dim",
     "fsdp_reduce_scatter_base",
+    "fsdp_reduce_scatter_comms",
     "fsdp_shard_sizes",
     "functional_collectives",
     "group_timeout",
@@ -416,6 +419,17 @@ def fsdp_shard_sizes(module: torch.nn.Module) -> list[int] | None:
         return [int(p.padded_sharded_param_size.numel()) for p in groups[0].fsdp_params]
     except (TorchCompatError, AttributeError):
         return None
+
+
+def fsdp_reduce_scatter_comms(module: torch.nn.Module) -> list:
+    """The custom reduce-scatter objects installed on the FSDP2 ``module``'s parameter
+    groups (diagnostics: the torchtitan adapters count int8 calls). Fallback: [] when
+    torch's private FSDP2 state looks different (nothing is counted, nothing breaks)."""
+    try:
+        groups = _fsdp_param_groups(module, "counting the FSDP2 int8 reduce-scatter calls")
+    except TorchCompatError:
+        return []
+    return [c for c in (getattr(g, "_reduce_scatter_comm", None) for g in groups) if c is not None]
 
 
 def fsdp_has_replicate_dim(module: torch.nn.Module) -> bool:
