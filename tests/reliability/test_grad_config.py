@@ -51,8 +51,10 @@ def test_residuals_follow_parameter_names_not_order(results):
 
 def test_store_fails_loudly_when_ddp_private_flag_is_missing(results):
     for r in results:
-        assert r["ddp_flag"].startswith("RuntimeError"), r["ddp_flag"]
+        # agoq._compat.TorchCompatError, a RuntimeError naming the feature and tested range.
+        assert r["ddp_flag"].startswith("TorchCompatError"), r["ddp_flag"]
         assert "require_forward_param_sync" in r["ddp_flag"]
+        assert "Int8GradStore" in r["ddp_flag"] and "tested on torch" in r["ddp_flag"]
 
 
 # ------------------------------------------------------------- single process
