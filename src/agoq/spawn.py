@@ -15,6 +15,21 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+# What the fork server imports once, so that each rank starts without importing torch and
+# agoq again (~3-4 s of CPU per rank on a 2-core machine; most of a short test's time).
+_PRELOAD = ["torch", "torch.distributed", "agoq"]
+
+
+def context() -> Any:
+    """The multiprocessing context ranks start from: ``forkserver`` (a clean server process
+    that imported torch and agoq once forks each rank) where the platform has it, else
+    ``spawn``. Never ``fork``: the caller may have started threads (OpenMP, gloo)."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)  # no effect once the server runs
+        return ctx
+    return mp.get_context("spawn")
+
 
 def free_port() -> int:
     """A TCP port on the loopback interface that is free right now."""
@@ -50,12 +65,13 @@ def _worker(fn, rank, world, port, timeout, queue, args):
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` in ``world`` spawned gloo ranks; return their results.
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo ranks (new processes, from
+    :func:`context`); return their results. ``fn`` and ``args`` must be picklable.
 
     Raises AssertionError with the failing ranks' tracebacks, or when a rank does not finish
     within ``timeout`` seconds (all ranks are then killed).
     """
-    ctx = mp.get_context("spawn")
+    ctx = context()
     queue = ctx.Queue()
     port = free_port()
     procs = [

@@ -440,11 +440,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     if cfg.world_size == 1:
         return _run(cfg, 0, 1, on_step)
 
-    import multiprocessing as mp
+    from .spawn import context, run_ranks
 
-    from .spawn import run_ranks
-
-    queue = mp.get_context("spawn").Queue() if on_step is not None else None
+    queue = context().Queue() if on_step is not None else None
     stop = threading.Event()
 
     def drain() -> None:  # forward the ranks' progress to on_step
