@@ -17,19 +17,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # The stack subset (``python -m pytest -m stack``): the test files that depend most on
 # torch's version or on torchtitan 0.3, run by CI in its second environment (torch 2.14.1).
-# The FSDP2 int8 reduce-scatter and TP/DTensor activations run there inside the torchtitan
-# 0.3 tests; their own files (tests/test_gradients_fsdp.py, test_activations_tp.py) run on
-# torch 2.13 only, for time.
+# The FSDP2 int8 reduce-scatter, TP/DTensor activations, the module hooks and the replay
+# run there inside the torchtitan 0.3 tests; their own files run on torch 2.13 only, for
+# time (the whole suite on 2.14.1 was run by hand: docs/limitations.md).
 STACK = frozenset(
     {
         "test_compat.py",
         "test_torchtitan_v03.py",
-        "test_activations.py",
         "test_activations_compile.py",
-        "test_activations_rebuild.py",
         "test_quant_ops.py",
-        "test_quant_dtensor.py",
-        "test_pipeline_inflight.py",
     }
 )
 
