@@ -1,4 +1,6 @@
-"""agoq for torchtitan 0.2.2 (pinned): a model converter plus an ``[agoq]`` config section.
+"""agoq for torchtitan: 0.2.2 (a model converter plus an ``[agoq]`` config section; the
+modules below) and 0.3 (:mod:`torchtitan_ext.v03`), sharing :mod:`torchtitan_ext._runtime`
+(what is installed on each model part) and the ``[agoq]`` settings (:mod:`torchtitan_ext.config`).
 
 Modules (imported on demand; importing this package imports neither torch nor torchtitan,
 so :mod:`torchtitan_ext.cpu_shims` can run before torchtitan is first imported):
