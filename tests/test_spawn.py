@@ -38,3 +38,17 @@ def test_a_dead_rank_is_named_and_the_rest_do_not_hang() -> None:
     assert "ranks [1] exited without a result" in message and "3" in message
     assert "rank 0:" in message  # the survivor's collective failed and says so
     assert time.monotonic() - t0 < 20 + 40
+
+
+def _env(rank: int, world: int) -> str | None:
+    return os.environ.get("AGOQ_TEST_SPAWN_ENV")
+
+
+def test_ranks_see_the_callers_environment_of_now(monkeypatch) -> None:
+    """Ranks fork from a server started at the first call: they must still see environment
+    variables set after it started, as spawned processes would."""
+    run_ranks(_sum, 2)  # the fork server is running from here on
+    monkeypatch.setenv("AGOQ_TEST_SPAWN_ENV", "set-later")
+    assert run_ranks(_env, 2) == ["set-later", "set-later"]
+    monkeypatch.delenv("AGOQ_TEST_SPAWN_ENV")
+    assert run_ranks(_env, 2) == [None, None]

@@ -38,12 +38,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world, port, timeout, queue, args):
+def _worker(fn, rank, world, port, timeout, queue, args, env):
     import datetime
 
     import torch
     import torch.distributed as dist
 
+    # A fork-server child starts with the server's environment (from when it started): give
+    # it the caller's, as spawn would. Modules the server preloaded read theirs at import.
+    os.environ.clear()
+    os.environ.update(env)
     faulthandler.dump_traceback_later(timeout, exit=True)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -75,7 +79,11 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world, port, timeout, queue, args), daemon=True)
+        ctx.Process(
+            target=_worker,
+            args=(fn, r, world, port, timeout, queue, args, dict(os.environ)),
+            daemon=True,
+        )
         for r in range(world)
     ]
     for p in procs:
